@@ -1,0 +1,236 @@
+"""The ``lpcli`` command line: a thin skin over the library (parse, call, render)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import InputError
+from .files import dumps, read_document, write_document
+from .formats import ALIASES, FormatError, parse_format
+from .plan import Plan, plan_from_document
+from .recipe import Recipe, bundled_recipes, load_recipe
+from .recommend import Rules, recommend
+from .report import render_check, render_plan, render_stats
+from .stats import analyze, validate_stats
+
+app = typer.Typer(
+    help="Precision analysis for training neural networks in limited precision: which bit-widths each layer "
+         "needs, where gradients get lost, and a short low-precision training check with Kahan-summed SGD.",
+    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode="rich")
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+RecipeArg = Annotated[str | None, typer.Argument(
+    help="Recipe YAML file, or the name of a bundled recipe "
+         f"({', '.join(bundled_recipes())}). Default: digits-mlp.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed (default: the recipe's).",
+                                                show_default=False)]
+
+
+def _output_opt(what: str) -> Any:
+    return Annotated[Path | None, typer.Option(
+        "-o", "--output", help=f"Write the {what} here (.json for JSON, else YAML), atomically.",
+        show_default=False)]
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Bad input: one line on stderr and exit 2. Ctrl-C: exit 130."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (InputError, FormatError) as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Callable[..., None] | None]:
+    """A rich progress bar on a terminal's stderr; nothing otherwise."""
+    if not enabled or not stderr.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(*args: Any) -> None:
+            name, done, total = args if len(args) == 3 else ("analyze", *args)
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+        yield update
+
+
+def emit(doc: dict[str, Any], as_json: bool, output: Path | None, render: Callable[[], None], what: str) -> None:
+    if output is not None:
+        write_document(output, doc)
+    if as_json:
+        sys.stdout.write(dumps(doc, as_json=True))
+        return
+    render()
+    if output is not None:
+        stdout.print(f"wrote {what} to {output}")
+
+
+def _stats_for(recipe: Recipe, seed: int | None, show_progress: bool) -> dict[str, Any]:
+    with progress_bar(show_progress) as progress:
+        return analyze(recipe, seed=seed, progress=progress)
+
+
+@app.command("analyze")
+@handle_errors
+def analyze_command(
+    recipe: RecipeArg = None,
+    output: _output_opt("stats") = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="fp32 steps to observe (default: the recipe's "
+                                                 "training.analyze_steps, 50).", show_default=False)] = None,
+    seed: SeedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a few fp32 steps with hooks and write per-layer statistics (the input of recommend)."""
+    loaded = load_recipe(recipe)
+    with progress_bar(not as_json) as progress:
+        doc = analyze(loaded, steps=steps, seed=seed, progress=progress)
+    emit(doc, as_json, output, lambda: render_stats(doc, stdout), "stats")
+
+
+def _rules(kahan: bool, headroom: int, max_bits: int) -> Rules:
+    return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits)
+
+
+def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,
+          show_progress: bool) -> tuple[Plan, Recipe | None]:
+    recipe = load_recipe(recipe_arg) if recipe_arg is not None or stats_path is None else None
+    if stats_path is not None:
+        stats = validate_stats(read_document(stats_path), str(stats_path))
+    else:
+        stats = _stats_for(recipe, seed, show_progress)
+    precision = recipe.precision if recipe is not None else None
+    return recommend(stats, rules, precision, source=recipe.source if recipe else str(stats_path)), recipe
+
+
+@app.command("recommend")
+@handle_errors
+def recommend_command(
+    recipe: RecipeArg = None,
+    stats: Annotated[Path | None, typer.Option(help="Stats file from `lpcli analyze` or your own loop; "
+                                                  "without it the recipe is analyzed first.",
+                                                  show_default=False)] = None,
+    output: _output_opt("plan") = None,
+    kahan: Annotated[bool, typer.Option(help="Plan for SGD with Kahan summation (else plain SGD).")] = True,
+    headroom: Annotated[int, typer.Option(min=0, max=8, help="Range margin above the observed maxima, in "
+                                          "bits.")] = 1,
+    max_bits: Annotated[int, typer.Option(min=2, max=24, help="Widest format to recommend.")] = 24,
+    seed: SeedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recommend a format for every layer and tensor, each with its reason, and the softmax widths."""
+    plan, _ = _plan(recipe, stats, _rules(kahan, headroom, max_bits), seed, not as_json)
+    emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout), "plan")
+
+
+WidthOpt = Annotated[int | None, typer.Option(min=2, max=24, show_default=False)]
+
+
+@app.command("train-check")
+@handle_errors
+def train_check_command(
+    recipe: RecipeArg = None,
+    plan_path: Annotated[Path | None, typer.Option("--plan", help="Plan file (from `lpcli recommend`); "
+                                                      "without it one is recommended first.",
+                                                      show_default=False)] = None,
+    output: _output_opt("report") = None,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Pass when the Kahan run's test accuracy is within "
+                                             "this many points of fp32.")] = 1.0,
+    weight_bits: Annotated[int | None, typer.Option(min=2, max=24, help="Probe: every weight format at this "
+                                                       "width (same range, fewer or more fraction bits).",
+                                                       show_default=False)] = None,
+    activation_bits: Annotated[int | None, typer.Option(min=2, max=24, help="Probe: activations (and the "
+                                                           "softmax input) at this width.",
+                                                           show_default=False)] = None,
+    error_bits: Annotated[int | None, typer.Option(min=2, max=24, help="Probe: errors (and the softmax "
+                                                      "error) at this width.", show_default=False)] = None,
+    grad_bits: Annotated[int | None, typer.Option(min=2, max=24, help="Probe: weight gradients at this width.",
+                                                     show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps (default: the recipe's).",
+                                                 show_default=False)] = None,
+    seed: SeedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train fp32, plain low-precision SGD and Kahan low-precision SGD side by side and report the diagnostics.
+
+    Exits 0 when the Kahan run is within the tolerance of fp32, 1 when not.
+    """
+    from .check import train_check
+
+    loaded = load_recipe(recipe)
+    if plan_path is not None:
+        plan = plan_from_document(read_document(plan_path), str(plan_path))
+    else:
+        plan, _ = _plan(recipe, None, Rules(), seed, not as_json)
+        plan = Plan(**{**plan.__dict__, "reasons": {}})
+    for tensor, width in (("weight", weight_bits), ("activation", activation_bits), ("error", error_bits),
+                          ("weight_grad", grad_bits)):
+        if width is not None:
+            plan = plan.with_fraction_bits(tensor, width)
+    with progress_bar(not as_json) as progress:
+        report = train_check(loaded, plan, tolerance=tolerance, seed=seed, steps=steps,
+                             plan_source=str(plan_path or "plan"), progress=progress)
+    emit(report, as_json, output, lambda: render_check(report, stdout), "report")
+    if not report["verdict"]["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command("formats")
+@handle_errors
+def formats_command(as_json: JsonOpt = False) -> None:
+    """List the number-format spellings with their ranges."""
+    examples = ["fx8.7", "fx16.8", "dfx8", "e5m2", "e4m3fn", "e3m4"]
+    rows = []
+    for spec in ["fp32", *ALIASES, *examples]:
+        fmt = parse_format(spec)
+        rows.append({"format": spec, "canonical": str(fmt), "bits": fmt.width,
+                     "max": getattr(fmt, "max_value", None), "smallest step": getattr(fmt, "step", None)})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="Number formats", title_justify="left")
+    for col in ("format", "bits", "largest finite", "smallest step"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["format"], str(row["bits"]), "per tensor" if row["max"] is None else f"{row['max']:g}",
+                      "per tensor" if row["smallest step"] is None else f"{row['smallest step']:g}")
+    stdout.print(table)
+    stdout.print("fx<W>.<F>: W bits with sign, F fraction bits (2 <= W <= 24). dfx<W>: fraction bits per tensor from "
+                 "its maximum. e<E>m<M>: IEEE-style float; e<E>m<M>fn: no infinities, saturating.")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"lpcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                               help="Show the version and exit.")] = False) -> None:
+    """lpcli: precision analysis for limited-precision training."""

@@ -1,0 +1,593 @@
+"""Number formats and the quantizer that rounds float32 tensors onto them.
+
+Every value a simulated low-precision training step touches passes through
+:func:`quantize`, so this module is the foundation the diagnostics stand on. Values
+stay in float32 tensors: a format only decides which float32 values are allowed.
+That bounds fixed point at 24 bits (float32 holds 24 significant bits) and floats at
+8 exponent / 23 mantissa bits.
+
+Spellings (``parse_format`` accepts them, ``str(fmt)`` writes them):
+
+* ``fx<W>.<F>``  fixed point, W bits with sign, F fraction bits (F may be negative or
+  larger than W). Values: multiples of ``2^-F`` in ``[-2^(W-F-1), 2^(W-F-1) - 2^-F]``.
+* ``dfx<W>``     dynamic fixed point: W bits, F chosen per tensor from its absolute
+  maximum (the largest F whose range still holds it).
+* ``e<E>m<M>``   IEEE-style float: bias ``2^(E-1)-1``, subnormals, the top exponent
+  reserved for inf/NaN; with nearest rounding overflow goes to inf as IEEE does.
+* ``e<E>m<M>fn`` float without infinities (OCP convention): at 8 bits and wider the
+  all-ones code is NaN (as ``float8_e4m3fn``), below 8 bits every code is finite (as
+  the OCP MX fp6/fp4 types). Overflow and inf saturate to the largest finite value.
+  E = 8 is rejected (its range would pass float32's).
+* aliases: ``fp32`` (no quantization), ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``,
+  ``fp6-e2m3``, ``fp6-e3m2``, ``fp4-e2m1``.
+
+Rounding: ``nearest`` (ties to even), ``stochastic`` (up with probability equal to the
+distance from the lower neighbour over the spacing, resolved to 2^-24; seeded by a
+torch.Generator), ``zero`` (toward zero). Directed and stochastic rounding never turn a
+finite value into inf: beyond the range they saturate in every format. Fixed point has
+a single zero (-0.0 comes out as +0.0); floats keep the sign of a value rounded to zero.
+NaN stays NaN in every format (formats without a NaN code have no defined answer;
+keeping NaN lets divergence be detected). Inputs of other float dtypes are rounded to
+float32 first (exact for float16/bfloat16; a float64 input can thus be rounded twice)
+and the result is returned in the input's dtype.
+
+Oracles and where we differ from them on purpose (tests/test_formats.py checks both
+the agreement, bit for bit, and each difference):
+
+* ``float8_e4m3fn`` (ml_dtypes, and torch casts before 2.13; 2.13 on the CPU saturates)
+  turns values from 464 up and inf into NaN; ``fp8-e4m3`` saturates them to +-448.
+  fp16, bf16 and fp8-e5m2 casts and ml_dtypes' IEEE-style ``float8_e4m3``/``float8_e3m4``
+  agree everywhere, overflow to inf included.
+* ml_dtypes' ``float6_e2m3fn``, ``float6_e3m2fn`` and ``float4_e2m1fn`` have no NaN and
+  turn NaN into -0.0 / +0.0; we keep NaN. They saturate overflow and inf as we do.
+* ``torch.fake_quantize_per_tensor_affine`` (scale 2^-F, zero point 0) turns NaN and inf
+  into arbitrary codes (float-to-int conversion of NaN/inf); we keep NaN and saturate +-inf.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ROUNDINGS = ("nearest", "stochastic", "zero")
+MAX_FIXED_WIDTH = 24  # float32 holds 24 significant bits
+
+
+class FormatError(ValueError):
+    """A format string or format parameter that does not describe a valid format."""
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Two's complement fixed point with ``width`` bits and ``frac`` fraction bits."""
+
+    width: int
+    frac: int
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.width <= MAX_FIXED_WIDTH:
+            raise FormatError(f"fixed-point width must be 2..{MAX_FIXED_WIDTH}, got {self.width}")
+        if not -64 <= self.frac <= 100:
+            raise FormatError(f"fixed-point fraction bits must be -64..100, got {self.frac}")
+
+    @property
+    def step(self) -> float:
+        return 2.0**-self.frac
+
+    @property
+    def max_value(self) -> float:
+        return (2 ** (self.width - 1) - 1) * self.step
+
+    @property
+    def min_value(self) -> float:
+        return -(2 ** (self.width - 1)) * self.step
+
+    @property
+    def integer_bits(self) -> int:
+        """Bits left of the binary point, sign included."""
+        return self.width - self.frac
+
+    def __str__(self) -> str:
+        return f"fx{self.width}.{self.frac}"
+
+
+@dataclass(frozen=True)
+class DynamicFixedPoint:
+    """Fixed point whose fraction bits follow each tensor's absolute maximum."""
+
+    width: int
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.width <= MAX_FIXED_WIDTH:
+            raise FormatError(f"dynamic fixed-point width must be 2..{MAX_FIXED_WIDTH}, got {self.width}")
+
+    def frac_for(self, absmax: torch.Tensor) -> torch.Tensor:
+        """Largest F with ``absmax <= (2^(W-1) - 1) * 2^-F``, as a float32 scalar tensor.
+
+        Computed from the exponent of ``absmax`` and corrected by exact power-of-two
+        scaling, so no log2 rounding can pick a scale that saturates.
+        """
+        qmax = float(2 ** (self.width - 1) - 1)
+        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        frac = torch.floor(torch.log2(qmax / safe)).clamp(-64, 100)
+        frac = torch.where(safe * pow2(frac) > qmax, frac - 1, frac)
+        frac = torch.where(safe * pow2(frac + 1) <= qmax, frac + 1, frac)
+        return torch.where(absmax > 0, frac, torch.zeros_like(frac)).clamp(-64, 100)
+
+    def __str__(self) -> str:
+        return f"dfx{self.width}"
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """Binary float with ``exp`` exponent bits and ``man`` stored mantissa bits."""
+
+    exp: int
+    man: int
+    finite: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.exp <= 8:
+            raise FormatError(f"float exponent bits must be 1..8, got {self.exp}")
+        if not 0 <= self.man <= 23:
+            raise FormatError(f"float mantissa bits must be 0..23, got {self.man}")
+        if not self.finite and self.exp < 2:
+            raise FormatError("an IEEE-style float needs at least 2 exponent bits; use the 'fn' variant")
+        if self.finite and self.exp == 8:
+            raise FormatError("an 'fn' float with 8 exponent bits reaches beyond float32's range; use e8m<M>")
+
+    @property
+    def width(self) -> int:
+        return 1 + self.exp + self.man
+
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.exp - 1) - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal number."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        top = 2**self.exp - 1 if self.finite else 2**self.exp - 2
+        return top - self.bias
+
+    @property
+    def has_nan_code(self) -> bool:
+        return not self.finite or self.width >= 8
+
+    @property
+    def max_value(self) -> float:
+        top_mantissa = 2**self.man - 1
+        if self.finite and self.has_nan_code:
+            top_mantissa -= 1  # the all-ones code is NaN
+        return math.ldexp(1.0 + top_mantissa / 2**self.man, self.emax)
+
+    @property
+    def min_value(self) -> float:
+        return -self.max_value
+
+    @property
+    def smallest_normal(self) -> float:
+        return math.ldexp(1.0, self.emin)
+
+    @property
+    def step(self) -> float:
+        """Smallest positive value (the subnormal step)."""
+        return math.ldexp(1.0, self.emin - self.man)
+
+    def __str__(self) -> str:
+        for alias, fmt in ALIASES.items():
+            if fmt == self:
+                return alias
+        return f"e{self.exp}m{self.man}{'fn' if self.finite else ''}"
+
+
+@dataclass(frozen=True)
+class Float32:
+    """No quantization: values stay float32."""
+
+    width: int = 32
+    max_value: float = float(torch.finfo(torch.float32).max)
+    min_value: float = -float(torch.finfo(torch.float32).max)
+    step: float = float(2.0**-149)
+
+    def __str__(self) -> str:
+        return "fp32"
+
+
+Format = FixedPoint | DynamicFixedPoint | FloatFormat | Float32
+
+ALIASES: dict[str, Format] = {
+    "fp16": FloatFormat(5, 10),
+    "bf16": FloatFormat(8, 7),
+    "fp8-e4m3": FloatFormat(4, 3, finite=True),
+    "fp8-e5m2": FloatFormat(5, 2),
+    "fp6-e2m3": FloatFormat(2, 3, finite=True),
+    "fp6-e3m2": FloatFormat(3, 2, finite=True),
+    "fp4-e2m1": FloatFormat(2, 1, finite=True),
+}
+
+_FIXED = re.compile(r"fx(\d+)\.(-?\d+)")
+_DYNAMIC = re.compile(r"dfx(\d+)")
+_FLOAT = re.compile(r"e(\d+)m(\d+)(fn)?")
+
+ACCEPTED_FORMS = (
+    "fx<W>.<F> (fixed point, e.g. fx8.7), dfx<W> (dynamic fixed point, e.g. dfx8), "
+    "e<E>m<M>[fn] (float, e.g. e4m3fn), or one of fp32, " + ", ".join(ALIASES)
+)
+
+
+def parse_format(spec: str | Format) -> Format:
+    """Parse a format string; raise :class:`FormatError` listing the accepted forms."""
+    if isinstance(spec, (FixedPoint, DynamicFixedPoint, FloatFormat, Float32)):
+        return spec
+    if not isinstance(spec, str):
+        raise FormatError(f"a format must be a string, got {type(spec).__name__} {spec!r}; use {ACCEPTED_FORMS}")
+    text = spec.strip().lower()
+    if text == "fp32":
+        return Float32()
+    if text in ALIASES:
+        return ALIASES[text]
+    try:
+        if m := _FIXED.fullmatch(text):
+            return FixedPoint(int(m[1]), int(m[2]))
+        if m := _DYNAMIC.fullmatch(text):
+            return DynamicFixedPoint(int(m[1]))
+        if m := _FLOAT.fullmatch(text):
+            return FloatFormat(int(m[1]), int(m[2]), finite=bool(m[3]))
+    except FormatError as exc:
+        raise FormatError(f"{spec!r}: {exc}") from None
+    raise FormatError(f"unknown format {spec!r}; use {ACCEPTED_FORMS}")
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: Format | str,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    absmax: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Round ``x`` onto ``fmt``; returns a new tensor of x's shape, dtype and device.
+
+    Values beyond the range saturate (fixed point, ``fn`` floats) or become inf
+    (IEEE-style floats, nearest rounding). ``fp32`` returns ``x`` itself. The result does
+    not track gradients: wrap it in an autograd.Function (e.g. straight-through) for that.
+
+    ``out``: write the result there instead (same shape as ``x``, any float dtype; ``x``
+    itself works, through a temporary) and return it. ``absmax``: for dynamic fixed
+    point, choose the fraction bits from this absolute maximum instead of x's own (e.g. a
+    :class:`MaxHistory` of earlier steps, as hardware would); values beyond the range it
+    implies then saturate.
+    """
+    fmt = parse_format(fmt)
+    if rounding not in ROUNDINGS:
+        raise FormatError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
+    if out is not None and out.shape != x.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
+    if isinstance(fmt, Float32):
+        return x if out is None else out.copy_(x)
+    xf = x.detach().float().contiguous()  # no copy for a contiguous float32 x
+
+    if isinstance(fmt, FixedPoint):
+        kernel = _fixed_kernel(fmt.width, fmt.frac, rounding, generator)
+    elif isinstance(fmt, DynamicFixedPoint):
+        own = absmax is None
+        if own:
+            low, high = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
+            absmax = torch.maximum(-low, high)  # one pass, no |x| temporary
+        frac = fmt.frac_for(torch.as_tensor(absmax, dtype=torch.float32, device=xf.device))
+        saturate = True
+        if frac.device.type == "cpu":
+            frac = int(frac)  # python scalars are cheaper in the ops below; no sync on the CPU
+            # The range picked from x's own maximum holds every value unless F hit its limit
+            # or x has NaN/inf: then the clamp can be skipped.
+            saturate = not (own and float(absmax) <= (2 ** (fmt.width - 1) - 1) * 2.0**-frac)
+        kernel = _fixed_kernel(fmt.width, frac, rounding, generator, saturate)
+    else:
+        native = _native_dtype(fmt) if rounding == "nearest" else None
+        kernel = _cast_kernel(native) if native is not None else _float_kernel(fmt, rounding, generator)
+
+    direct = (
+        out is not None
+        and out.dtype == torch.float32
+        and out.is_contiguous()
+        and out.untyped_storage().data_ptr() != xf.untyped_storage().data_ptr()  # kernels read x late
+    )
+    y = out if direct else torch.empty_like(xf)
+    with torch.no_grad():
+        _apply(kernel, xf, y)
+    if direct:
+        return y
+    if out is not None:
+        return out.copy_(y)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class MaxHistory:
+    """Running absolute maximum over the last ``length`` tensors, for dynamic fixed point.
+
+    ``quantize(x, "dfx8", absmax=history.absmax)`` scales by earlier steps' maxima;
+    call ``history.update(x)`` afterwards. Before any update ``absmax`` is None (use x's own).
+    """
+
+    def __init__(self, length: int = 16) -> None:
+        if length < 1:
+            raise ValueError(f"history length must be at least 1, got {length}")
+        self.length = length
+        self.maxima: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        value = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+        self.maxima = [*self.maxima, value][-self.length :]
+
+    @property
+    def absmax(self) -> torch.Tensor | None:
+        return torch.stack(self.maxima).amax() if self.maxima else None
+
+
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact ``2^exponent`` for integer-valued float tensors in [-126, 127], built from bits."""
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+# --- kernels -----------------------------------------------------------------------------
+#
+# A kernel rounds a contiguous float32 1-D source into a destination of the same size using
+# a few in-place torch operations. On the CPU, ``_apply`` feeds it chunks of ``_CHUNK``
+# elements so that its passes after the first find the data in cache: a chain of k
+# element-wise passes over a large tensor costs about k full memory round trips otherwise.
+
+
+_CHUNK = 1 << 20  # elements (4 MiB of float32): measured best on a 2-core EPYC (32 MiB L3); smaller
+# chunks pay more per-call overhead than they gain in cache hits
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    run: Callable[..., None]  # run(src, dst, *scratch)
+    scratch: tuple[torch.dtype, ...] = ()  # dtypes of the chunk-sized scratch buffers it needs
+
+
+def _apply(kernel: _Kernel, x: torch.Tensor, y: torch.Tensor) -> None:
+    src, dst = x.view(-1), y.view(-1)
+    n = src.numel()
+    if n == 0:
+        return
+    size = min(n, _CHUNK) if src.device.type == "cpu" else n
+    scratch = [_scratch(i, dtype, src.device, size) for i, dtype in enumerate(kernel.scratch)]
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        kernel.run(src[start:stop], dst[start:stop], *(buf[: stop - start] for buf in scratch))
+
+
+_cached = threading.local()
+
+
+def _scratch(index: int, dtype: torch.dtype, device: torch.device, size: int) -> torch.Tensor:
+    """A scratch buffer, kept between calls on the CPU (per thread, at most a few chunks).
+
+    Fresh multi-MiB buffers come from mmap and pay a page fault per 4 KiB on first touch,
+    which cost more than the kernels themselves.
+    """
+    if device.type != "cpu":
+        return torch.empty(size, dtype=dtype, device=device)  # the caching allocator reuses memory
+    buffers = _cached.__dict__.setdefault("buffers", {})
+    buf = buffers.get((index, dtype))
+    if buf is None or buf.numel() < size:
+        buf = buffers[(index, dtype)] = torch.empty(size, dtype=dtype)
+    return buf[:size]
+
+
+def _round_to_integer(
+    v: torch.Tensor,
+    rounding: str,
+    floor: torch.Tensor,
+    random: torch.Tensor,
+    generator: torch.Generator | None,
+) -> None:
+    """Round ``v`` in place to integers (``floor``, ``random``: scratch for stochastic)."""
+    if rounding == "nearest":
+        v.round_()  # ties to even
+    elif rounding == "zero":
+        # copysign(floor(|v|), v): torch's trunc is not vectorized on the CPU.
+        torch.abs(v, out=floor)
+        floor.floor_()
+        torch.copysign(floor, v, out=v)
+    else:
+        # Up with probability frac(v): u < frac for u uniform on multiples of 2^-24 in [0, 1).
+        # v - floor(v) is exact for every v that has a fraction (|v| < 2^23).
+        torch.floor(v, out=floor)
+        v.sub_(floor)
+        random.uniform_(generator=generator)
+        torch.lt(random, v, out=v)
+        v.add_(floor)
+
+
+def _fixed_kernel(
+    width: int,
+    frac: int | torch.Tensor,
+    rounding: str,
+    generator: torch.Generator | None,
+    saturate: bool = True,
+) -> _Kernel:
+    """Fixed point: clamp to the range (on the grid, so rounding stays inside), then round.
+
+    ``saturate=False`` skips the clamp, for inputs known to lie inside the range.
+    """
+    step = 2.0**-frac if isinstance(frac, int) else pow2(-frac)
+    hi = (2 ** (width - 1) - 1) * step
+    lo = -(2 ** (width - 1)) * step
+
+    if rounding == "nearest" and width <= 23:
+        # |v| <= 2^22 steps, so v + 1.5 * 2^23 steps lies in one binade whose spacing is one
+        # step: the float addition itself rounds to the grid, ties to even, and the
+        # subtraction is exact. Three passes, and -0 comes out as +0 (one zero in fixed point).
+        magic = 1.5 * 2.0**23 * step
+
+        def nearest(x: torch.Tensor, y: torch.Tensor) -> None:
+            if saturate:
+                torch.clamp(x, lo, hi, out=y)
+                y.add_(magic)
+            else:
+                torch.add(x, magic, out=y)
+            y.sub_(magic)
+
+        return _Kernel(nearest)
+
+    scale = 2.0**frac if isinstance(frac, int) else pow2(frac)
+
+    def scaled(x: torch.Tensor, y: torch.Tensor, floor: torch.Tensor, random: torch.Tensor) -> None:
+        if saturate:
+            torch.clamp(x, lo, hi, out=y)
+            y.mul_(scale)  # exact: integers up to 2^23 plus fraction bits
+        else:
+            torch.mul(x, scale, out=y)
+        _round_to_integer(y, rounding, floor, random, generator)
+        y.mul_(step).add_(0.0)  # "+ 0.0" turns -0.0 into +0.0
+
+    return _Kernel(scaled, (torch.float32, torch.float32))
+
+
+def _cast_kernel(native: torch.dtype) -> _Kernel:
+    """Round through a torch dtype (the cast rounds to nearest, ties to even)."""
+
+    def cast(x: torch.Tensor, y: torch.Tensor, buf: torch.Tensor) -> None:
+        buf.copy_(x)
+        y.copy_(buf)
+
+    return _Kernel(cast, (native,))
+
+
+def _float(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    rounding: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The general float quantizer (any E/M split) on a float32 tensor; returns a new tensor."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _apply(_float_kernel(fmt, rounding, generator), x.contiguous(), y)
+    return y
+
+
+def _float_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | None) -> _Kernel:
+    """The general float quantizer, by exponent arithmetic on the bit pattern.
+
+    Each value's grid spacing is ``s = 2^(max(e, emin) - M)`` with e its exponent: the
+    exponent field is masked out of the bits and clamped from below at the format's
+    smallest normal exponent (which also covers subnormals, zero and float32 subnormals)
+    and from above (inf, NaN). Nearest rounding then adds and subtracts
+    ``C = 1.5 * 2^23 * s``: ``x + C`` lies in a binade whose spacing is s, so the
+    addition rounds x to the grid, ties to even, and the subtraction is exact. The other
+    roundings scale by 1/s and round to integers. ``copysign`` restores the sign of
+    values that became zero.
+
+    The arithmetic runs in float32 when ``C`` and ``s`` stay normal float32 numbers
+    (E <= 7, M <= 21: every 4-, 6- and 8-bit format and fp16) and in float64 otherwise
+    (E = 8, M >= 22), where the same steps are exact for every float32 input.
+    """
+    fast = fmt.exp <= 7 and fmt.man <= 21
+    work, ints, mant, bias = (
+        (torch.float32, torch.int32, 23, 127) if fast else (torch.float64, torch.int64, 52, 1023)
+    )
+    exp_mask = ((1 << 8) - 1) << 23 if fast else ((1 << 11) - 1) << 52
+    nearest = rounding == "nearest"
+    # Before rounding, clamp to the range. Nearest rounding in an IEEE format sends values
+    # from max + half a spacing on (and inf) to inf: clamp to 2^(emax+1), which the rounding
+    # keeps and the scaling below turns into inf. Otherwise clamp to the largest finite
+    # value (fn formats saturate; directed and stochastic rounding stop at max).
+    to_inf = nearest and not fmt.finite
+    limit = math.ldexp(1.0, fmt.emax + 1) if to_inf else fmt.max_value
+    low_field = (fmt.emin + bias) << mant
+    high_field = (fmt.emax + 1 + bias) << mant
+    if nearest:
+        offset = ((mant - fmt.man) << mant) | (1 << (mant - 1))  # exponent field -> C
+    else:
+        offset = -(fmt.man << mant)  # exponent field -> s
+    overflow_scale = bias - fmt.emax  # 2^(emax+1) * 2^(bias-emax) = 2^(bias+1) overflows to inf
+    # Directed and stochastic rounding saturate finite values at max in IEEE formats too,
+    # but inf stays inf: see the end of run().
+    keep_inf = not fmt.finite and not nearest
+    names = ["field"] + ([] if fast else ["wide", "result"])
+    names += [] if nearest else ["floor", "random"]
+    names += ["clamped"] if keep_inf else []
+    dtypes = {"field": ints, "random": torch.float32}
+
+    def run(x: torch.Tensor, y: torch.Tensor, *bufs: torch.Tensor) -> None:
+        buf = dict(zip(names, bufs, strict=True))
+        field = buf["field"]
+        if fast:
+            src, w = x, y
+        else:
+            src, w = buf["wide"], buf["result"]
+            src.copy_(x)  # exact
+        clamped = buf.get("clamped", w)
+        torch.clamp(src, -limit, limit, out=clamped)
+        torch.bitwise_and(clamped.view(ints), exp_mask, out=field)
+        field.clamp_(low_field, high_field).add_(offset)
+        grid = field.view(work)
+        if nearest:
+            w.add_(grid)
+            w.sub_(grid)
+        else:
+            torch.div(clamped, grid, out=w)  # exact: a power of two
+            _round_to_integer(w, rounding, buf["floor"], buf["random"], generator)
+            w.mul_(grid)
+        torch.copysign(w, src, out=w)
+        if to_inf:
+            w.mul_(2.0**overflow_scale).mul_(2.0**-overflow_scale)
+        if keep_inf:
+            # h = (clamp(x) - x) * 2^(emax - mant - 129) is 0 where x is in range, -+inf where
+            # x is +-inf (NaN for NaN), and otherwise (finite x beyond max, where w = +-max;
+            # |x| < 2^128) below half a spacing of the working float at max, so w - h puts
+            # inf back and leaves the rest alone. Cheaper than isinf + where; the factor is
+            # applied in two steps so that each one is a normal float.
+            clamped.sub_(src).mul_(2.0**-100).mul_(2.0 ** (fmt.emax - mant - 29))
+            w.sub_(clamped)
+        if not fast:
+            y.copy_(w)  # exact: w is on the format's grid, inside float32's range
+
+    return _Kernel(run, tuple(dtypes.get(name, work) for name in names))
+
+
+def _native_dtype(fmt: FloatFormat) -> torch.dtype | None:
+    """A torch dtype whose cast is the format's nearest rounding and faster than ``_float``.
+
+    torch's float8 casts are bit-exact too but slower than the general path on the CPU
+    (and float8_e4m3fn overflows to NaN), so only fp16 and bf16 use a cast.
+    """
+    natives = {
+        FloatFormat(5, 10): torch.float16,
+        FloatFormat(8, 7): torch.bfloat16,
+    }
+    return natives.get(fmt)
+
+
+def saturated(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Boolean mask of the finite values outside the format's range (clipped or made inf)."""
+    if isinstance(fmt, (Float32, DynamicFixedPoint)):
+        return torch.zeros_like(x, dtype=torch.bool)
+    return (x > fmt.max_value) | (x < fmt.min_value)
+
+
+def lsb(fmt: Format, value: float = 1.0) -> float:
+    """The distance between neighbours of the format near ``value`` (for reasons and rules)."""
+    if isinstance(fmt, FixedPoint):
+        return fmt.step
+    if isinstance(fmt, FloatFormat):
+        exponent = max(math.frexp(abs(value))[1] - 1, fmt.emin) if value else fmt.emin
+        return math.ldexp(1.0, exponent - fmt.man)
+    if isinstance(fmt, DynamicFixedPoint):
+        frac = fmt.frac_for(torch.tensor(abs(value), dtype=torch.float32))
+        return 2.0 ** -int(frac)
+    return math.ulp(value) if value else fmt.step

@@ -1,0 +1,126 @@
+"""The plan: a format per layer and tensor, the softmax formats and the optimizer.
+
+As ``recommend`` writes it and a user may edit it::
+
+    lpcli: {kind: plan, version: 1}
+    classes: 10
+    output_layer: "2"
+    layers:
+      "0": {weight: fx8.7, activation: fx12.6, error: fx12.11, weight_grad: fx12.14}
+      "2": {weight: fx8.7, activation: fx8.4, error: fx6.5, weight_grad: fx12.14}
+    softmax_input: fx8.4        # z - max(z) at the last layer's output; the class-count bound
+    softmax_error: fx6.5        # p - y, before the 1/batch mean
+    optimizer: {kahan: true}    # comp_format (one for all layers) derived unless given
+    reasons: {...}              # one line per decision (informative; ignored when read)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .files import check_header, header
+from .formats import FixedPoint, Format
+from .schema import Fields
+
+TENSORS = ("weight", "activation", "error", "weight_grad")
+PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "softmax_input", "softmax_error", "optimizer",
+             "reasons", "summary", "source")
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: dict[str, dict[str, Format]]
+    softmax_input: Format
+    softmax_error: Format
+    kahan: bool = True
+    comp_format: Format | None = None
+    classes: int | None = None
+    output_layer: str | None = None
+    reasons: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def document(self) -> dict[str, Any]:
+        optimizer: dict[str, Any] = {"kahan": self.kahan}
+        if self.comp_format is not None:
+            optimizer["comp_format"] = str(self.comp_format)
+        doc: dict[str, Any] = {
+            "lpcli": header("plan"),
+            "classes": self.classes,
+            "output_layer": self.output_layer,
+            "layers": {name: {t: str(fmts[t]) for t in TENSORS} for name, fmts in self.layers.items()},
+            "softmax_input": str(self.softmax_input),
+            "softmax_error": str(self.softmax_error),
+            "optimizer": optimizer,
+        }
+        if self.reasons:
+            doc["reasons"] = self.reasons
+        if self.summary:
+            doc["summary"] = self.summary
+        return doc
+
+    def with_fraction_bits(self, tensor: str, width: int) -> Plan:
+        """The same plan with every fixed-point ``tensor`` format at ``width`` bits,
+        keeping each format's integer bits (its range) and changing its resolution."""
+        layers = {name: dict(fmts) for name, fmts in self.layers.items()}
+        for name, fmts in layers.items():
+            if tensor == "activation" and name == self.output_layer:
+                continue
+            fmts[tensor] = resize(fmts[tensor], width)
+        plan = replace(self, layers=layers)
+        if tensor == "activation":
+            plan = plan.with_softmax(input_width=width)
+        if tensor == "error":
+            plan = plan.with_softmax(error_width=width)
+        return plan
+
+    def with_softmax(self, input_width: int | None = None, error_width: int | None = None) -> Plan:
+        softmax_input = resize(self.softmax_input, input_width) if input_width else self.softmax_input
+        softmax_error = resize(self.softmax_error, error_width) if error_width else self.softmax_error
+        layers = {name: dict(fmts) for name, fmts in self.layers.items()}
+        if self.output_layer in layers:
+            layers[self.output_layer].update(activation=softmax_input, error=softmax_error)
+        return replace(self, layers=layers, softmax_input=softmax_input, softmax_error=softmax_error)
+
+
+def resize(fmt: Format, width: int) -> Format:
+    """Fixed point at a new width with the same integer bits; other formats unchanged."""
+    if isinstance(fmt, FixedPoint):
+        return FixedPoint(width, width - fmt.integer_bits)
+    return fmt
+
+
+def plan_from_document(doc: Any, source: str) -> Plan:
+    doc = check_header(doc, source, "plan")
+    top = Fields(source, "", doc, PLAN_KEYS)
+    layers_section = top.section("layers", required=True)
+    if not layers_section.value:
+        layers_section.fail("has no layers")
+    layers = {}
+    for name, raw in layers_section.value.items():
+        entry = Fields(source, layers_section.sub(name), raw, TENSORS)
+        layers[str(name)] = {t: entry.format(t) for t in TENSORS}
+    optimizer = top.section("optimizer", ("kahan", "comp_format"))
+    classes = top.integer("classes", low=2) if doc.get("classes") is not None else None
+    output_layer = doc.get("output_layer")
+    if output_layer is not None and str(output_layer) not in layers:
+        top.fail(f"names no layer of the plan ({', '.join(layers)})", field="output_layer")
+    plan = Plan(
+        layers=layers,
+        softmax_input=top.format("softmax_input"),
+        softmax_error=top.format("softmax_error"),
+        kahan=optimizer.boolean("kahan", True),
+        comp_format=optimizer.format("comp_format") if optimizer.has("comp_format") else None,
+        classes=classes,
+        output_layer=None if output_layer is None else str(output_layer),
+        reasons=doc.get("reasons") or {},
+        summary=doc.get("summary") or {},
+    )
+    if plan.output_layer is not None:
+        entry = plan.layers[plan.output_layer]
+        for tensor, softmax_key in (("activation", "softmax_input"), ("error", "softmax_error")):
+            if entry[tensor] != getattr(plan, softmax_key):
+                top.fail(f"is {entry[tensor]} but {softmax_key} is {getattr(plan, softmax_key)}: the output "
+                         f"layer's {tensor} is the softmax's; make them equal",
+                         field=f"layers.{plan.output_layer}.{tensor}")
+    return plan

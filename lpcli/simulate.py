@@ -1,0 +1,219 @@
+"""Low-precision simulation of any ``nn.Module``: each planned layer's output
+(activation) is rounded in the forward pass, the gradient arriving at that output
+(the error) in the backward pass, and the weight gradients once accumulated.
+The model's output feeds a softmax cross-entropy whose input ``z - max(z)`` and
+error ``p - y`` (before the 1/batch mean) are rounded to the softmax formats.
+
+Weights are not touched here: the optimizer stores them (see :mod:`lpcli.optim`).
+Counts of saturated and underflowed values are kept on the device, per quantization
+point, so no step waits for the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import Float32, Format, quantize, saturated
+
+COUNT_FIELDS = ("elements", "nonzero", "saturated", "underflow")
+
+
+class Counter:
+    """Running totals for one quantization point (elements, non-zero, saturated, underflowed)."""
+
+    def __init__(self) -> None:
+        self.totals: torch.Tensor | None = None
+
+    def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format) -> None:
+        nonzero = x != 0
+        counts = torch.stack([
+            torch.tensor(x.numel(), device=x.device, dtype=torch.float64),
+            nonzero.sum(dtype=torch.float64),
+            saturated(x, fmt).sum(dtype=torch.float64),
+            ((q == 0) & nonzero).sum(dtype=torch.float64),
+        ])
+        self.totals = counts if self.totals is None else self.totals + counts
+
+    def as_dict(self) -> dict[str, float]:
+        if self.totals is None:
+            return dict.fromkeys(COUNT_FIELDS, 0.0)
+        return dict(zip(COUNT_FIELDS, self.totals.tolist(), strict=True))
+
+
+def shares(counts: Mapping[str, float]) -> dict[str, float | None]:
+    """Saturated share of all elements; underflow share of the non-zero ones."""
+    elements, nonzero = counts["elements"], counts["nonzero"]
+    return {
+        "saturated": counts["saturated"] / elements if elements else None,
+        "underflow": counts["underflow"] / nonzero if nonzero else None,
+    }
+
+
+class _QuantizeOutput(torch.autograd.Function):
+    """Forward: round the activation. Backward: round the error (straight through)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, point: _LayerPoint) -> torch.Tensor:
+        ctx.point = point
+        return point.forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.point.backward(grad), None
+
+
+class _LayerPoint:
+    def __init__(self, simulator: Simulator, activation: Format, error: Format) -> None:
+        self.simulator = simulator
+        self.activation, self.error = activation, error
+        self.activation_counts, self.error_counts = Counter(), Counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = quantize(x, self.activation, self.simulator.rounding, self.simulator.generator)
+        if self.simulator.recording:
+            self.activation_counts.record(x, q, self.activation)
+        return q
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        q = quantize(grad, self.error, self.simulator.rounding, self.simulator.generator)
+        self.error_counts.record(grad, q, self.error)
+        return q
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, labels: torch.Tensor, simulator: Simulator) -> torch.Tensor:
+        shifted = z - z.amax(dim=1, keepdim=True)
+        q = quantize(shifted, simulator.softmax_input, simulator.rounding, simulator.generator)
+        if simulator.recording:
+            simulator.softmax_input_counts.record(shifted, q, simulator.softmax_input)
+        log_p = F.log_softmax(q, dim=1)
+        ctx.save_for_backward(log_p, labels)
+        ctx.simulator = simulator
+        return F.nll_loss(log_p, labels)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        log_p, labels = ctx.saved_tensors
+        sim: Simulator = ctx.simulator
+        error = log_p.exp()
+        rows = torch.arange(len(labels), device=labels.device)
+        error[rows, labels] -= 1.0
+        q = quantize(error, sim.softmax_error, sim.rounding, sim.generator)
+        sim.softmax_error_counts.record(error, q, sim.softmax_error)
+        non_target = torch.ones_like(error, dtype=torch.bool)
+        non_target[rows, labels] = False
+        flushed = ((q == 0) & (error != 0) & non_target).sum(dtype=torch.float64)
+        counted = (non_target & (error != 0)).sum(dtype=torch.float64)
+        sim.flushed_non_target = sim.flushed_non_target + torch.stack([flushed, counted])
+        return q * (grad / len(labels)), None, None
+
+
+class Simulator:
+    """Attach quantization to ``model`` for the layers in ``layers``.
+
+    ``layers`` maps a qualified module name to ``{"activation": fmt, "error": fmt,
+    "weight_grad": fmt}``. ``output_layer`` names the layer whose output is the model's
+    output: the softmax formats stand in for its activation and error, so they are not
+    applied twice. Call :meth:`remove` to detach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, Mapping[str, Format]],
+        softmax_input: Format = Float32(),
+        softmax_error: Format = Float32(),
+        output_layer: str | None = None,
+        rounding: str = "nearest",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        modules = dict(model.named_modules())
+        missing = [name for name in layers if name not in modules]
+        if missing:
+            raise KeyError(f"model has no layer named {', '.join(map(repr, missing))}")
+        self.model = model
+        self.softmax_input, self.softmax_error = softmax_input, softmax_error
+        self.rounding, self.generator = rounding, generator
+        self.recording = True
+        self.points: dict[str, _LayerPoint] = {}
+        self.grad_counts: dict[str, Counter] = {}
+        self.softmax_input_counts, self.softmax_error_counts = Counter(), Counter()
+        self.flushed_non_target = torch.zeros(2, dtype=torch.float64)
+        self._handles: list[Any] = []
+        for name, formats in layers.items():
+            module = modules[name]
+            if name != output_layer:
+                point = _LayerPoint(self, formats["activation"], formats["error"])
+                self.points[name] = point
+                self._handles.append(module.register_forward_hook(_output_hook(point)))
+            grad_format = formats["weight_grad"]
+            if not isinstance(grad_format, Float32):
+                counter = self.grad_counts[name] = Counter()
+                for param in module.parameters(recurse=False):
+                    self._handles.append(param.register_post_accumulate_grad_hook(
+                        _grad_hook(grad_format, counter, self)))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy through the quantized softmax."""
+        if self.flushed_non_target.device != logits.device:
+            self.flushed_non_target = self.flushed_non_target.to(logits.device)
+        return _SoftmaxCrossEntropy.apply(logits, labels, self)
+
+    def counts(self) -> dict[str, Any]:
+        """Totals per layer and tensor, and for the softmax."""
+        layers: dict[str, dict[str, dict[str, float]]] = {}
+        for name, point in self.points.items():
+            layers.setdefault(name, {})["activation"] = point.activation_counts.as_dict()
+            layers[name]["error"] = point.error_counts.as_dict()
+        for name, counter in self.grad_counts.items():
+            layers.setdefault(name, {})["weight_grad"] = counter.as_dict()
+        flushed, counted = self.flushed_non_target.tolist()
+        return {
+            "layers": layers,
+            "softmax_input": self.softmax_input_counts.as_dict(),
+            "softmax_error": self.softmax_error_counts.as_dict(),
+            "non_target_flushed": flushed / counted if counted else None,
+        }
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _output_hook(point: _LayerPoint):
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return _QuantizeOutput.apply(output, point)
+    return hook
+
+
+def _grad_hook(fmt: Format, counter: Counter, simulator: Simulator):
+    def hook(param: torch.Tensor) -> None:
+        q = quantize(param.grad, fmt, simulator.rounding, simulator.generator)
+        counter.record(param.grad, q, fmt)
+        param.grad.copy_(q)
+    return hook
+
+
+def find_output_layer(model: nn.Module, example: torch.Tensor, candidates: list[str]) -> str | None:
+    """The candidate layer whose output tensor is returned as the model's output."""
+    outputs: dict[int, str] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(
+        lambda m, i, o, name=name: outputs.__setitem__(id(o), name)) for name in candidates]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(example)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs.get(id(out))

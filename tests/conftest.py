@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lpcli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+
+class Result:
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str) -> Result:
+    """Invoke the real Typer app; stdout and stderr apart."""
+    runner = CliRunner()
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def small_recipe(tmp_path: Path):
+    """Write a quick variant of digits-mlp (few steps) and return its path; kwargs override sections."""
+    def make(name: str = "small.yaml", **sections) -> Path:
+        recipe = yaml.safe_load((RECIPES / "digits-mlp.yaml").read_text())
+        recipe["training"].update(steps=60, analyze_steps=10)
+        for key, value in sections.items():
+            recipe[key] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+    return make

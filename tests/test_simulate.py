@@ -1,0 +1,92 @@
+"""The simulator's hooks against the same computation written out by hand."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpcli.formats import parse_format, quantize
+from lpcli.simulate import Simulator, find_output_layer
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+
+
+def formats(act: str, err: str, grad: str) -> dict:
+    return {"activation": parse_format(act), "error": parse_format(err), "weight_grad": parse_format(grad),
+            "weight": parse_format("fp32")}
+
+
+def test_forward_backward_match_explicit_quantization():
+    model = make_model()
+    plan = {"0": formats("fx8.4", "fx10.9", "fx12.10"), "2": formats("fx8.3", "fx6.5", "fx12.9")}
+    sin, serr = parse_format("fx8.3"), parse_format("fx6.5")
+    x = torch.randn(8, 6)
+    y = torch.randint(0, 4, (8,))
+
+    sim = Simulator(model, plan, sin, serr, output_layer="2")
+    loss = sim.loss(model(x), y)
+    loss.backward()
+
+    # The same steps by hand, on a copy.
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    w2, b2 = model[2].weight.detach().clone(), model[2].bias.detach().clone()
+    h = quantize(x @ w0.T + b0, "fx8.4")
+    a = torch.relu(h)
+    z = a @ w2.T + b2
+    s = quantize(z - z.max(dim=1, keepdim=True).values, sin)
+    p = torch.softmax(s, dim=1)
+    expected_loss = F.cross_entropy(s, y)
+    e = quantize(p - F.one_hot(y, 4).float(), serr) / len(y)
+    grad_w2 = quantize(e.T @ a, "fx12.9")
+    grad_a = e @ w2
+    grad_h = quantize(grad_a * (h > 0), "fx10.9")
+    grad_w0 = quantize(grad_h.T @ x, "fx12.10")
+
+    assert torch.allclose(loss, expected_loss)
+    assert torch.equal(model[2].weight.grad, grad_w2)
+    assert torch.allclose(model[0].weight.grad, grad_w0, atol=2**-10)
+    # The gradients sit on their formats' grids.
+    assert torch.equal(model[0].weight.grad, quantize(model[0].weight.grad, "fx12.10"))
+
+
+def test_counts_saturation_and_underflow():
+    model = nn.Sequential(nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    sim = Simulator(model, {"0": formats("fx4.2", "fp32", "fp32")})
+    x = torch.tensor([[0.1], [5.0], [-3.0], [1.0], [0.0]])  # range [-2, 1.75], step 0.25
+    model(x)
+    counts = sim.counts()["layers"]["0"]["activation"]
+    assert counts == {"elements": 5.0, "nonzero": 4.0, "saturated": 2.0, "underflow": 1.0}
+
+
+def test_non_target_errors_flushed():
+    z = torch.tensor([[4.0, 0.0, 0.0, -4.0]], requires_grad=True)
+    y = torch.tensor([0])
+    sim = Simulator(nn.Sequential(), {}, parse_format("fp32"), parse_format("fx4.3"))
+    sim.loss(z, y).backward()
+    p = torch.softmax(z.detach(), dim=1)[0]
+    # fx4.3 flushes |p - y| < 1/16: the non-target p are 0.018, 0.018 and 0.0003.
+    assert (p[1:] < 1 / 16).all()
+    assert sim.counts()["non_target_flushed"] == 1.0
+    assert torch.equal(z.grad[0, 1:], torch.zeros(3))
+
+
+def test_remove_detaches_hooks():
+    model = make_model()
+    sim = Simulator(model, {"0": formats("fx4.1", "fp32", "fp32")})
+    x = torch.randn(3, 6)
+    quantized = model(x)
+    sim.remove()
+    assert not torch.equal(model(x), quantized)
+
+
+def test_find_output_layer():
+    model = make_model()
+    assert find_output_layer(model, torch.randn(2, 6), ["0", "2"]) == "2"
+    flattened = nn.Sequential(nn.Linear(6, 4), nn.Unflatten(1, (2, 2)), nn.Flatten())
+    assert find_output_layer(flattened, torch.randn(2, 6), ["0"]) is None
