@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import InputError
@@ -24,7 +25,32 @@ from .recommend import Rules, recommend
 from .report import render_check, render_plan, render_stats
 from .stats import analyze, validate_stats
 
+
+class OneLineErrors(TyperGroup):
+    """Command-line mistakes as one line on stderr (exit 2), like every other bad input."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except typer.Abort:
+            code = 130
+        except Exception as exc:
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):  # not a usage error (click's)
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                return self.main(["--help"], prog_name, complete_var, standalone_mode, **extra)
+            sys.stderr.write(f"error: command line: {' '.join(exc.format_message().split())}\n")
+            code = exc.exit_code
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Precision analysis for training neural networks in limited precision: which bit-widths each layer "
          "needs, where gradients get lost, and a short low-precision training check with Kahan-summed SGD.",
     add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode="rich")
@@ -78,6 +104,16 @@ def progress_bar(enabled: bool) -> Iterator[Callable[..., None] | None]:
         yield update
 
 
+def check_output(path: Path | None) -> None:
+    """Refuse an unwritable output before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(str(path), "", "is a directory; give a file name for -o/--output")
+    if not path.parent.is_dir():
+        raise InputError(str(path), "", f"directory {str(path.parent)!r} does not exist")
+
+
 def emit(doc: dict[str, Any], as_json: bool, output: Path | None, render: Callable[[], None], what: str) -> None:
     if output is not None:
         write_document(output, doc)
@@ -105,6 +141,7 @@ def analyze_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a few fp32 steps with hooks and write per-layer statistics (the input of recommend)."""
+    check_output(output)
     loaded = load_recipe(recipe)
     with progress_bar(not as_json) as progress:
         doc = analyze(loaded, steps=steps, seed=seed, progress=progress)
@@ -142,6 +179,7 @@ def recommend_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Recommend a format for every layer and tensor, each with its reason, and the softmax widths."""
+    check_output(output)
     plan, _ = _plan(recipe, stats, _rules(kahan, headroom, max_bits), seed, not as_json)
     emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout), "plan")
 
@@ -178,6 +216,7 @@ def train_check_command(
 
     Exits 0 when the Kahan run is within the tolerance of fp32, 1 when not.
     """
+    check_output(output)
     from .check import train_check
 
     loaded = load_recipe(recipe)

@@ -16,7 +16,7 @@ from .schema import Fields
 DATA_KEYS = {
     "digits": ("name", "test_fraction", "seed"),
     "synthetic": ("name", "classes", "dim", "samples", "noise", "test_fraction", "seed"),
-    "npz": ("name", "path", "test_fraction", "seed"),
+    "npz": ("name", "path", "classes", "test_fraction", "seed"),
 }
 
 
@@ -52,6 +52,7 @@ def validate_data_spec(data: Fields, base_dir: Path) -> dict[str, Any]:
     elif name == "npz":
         path = Path(data.string("path"))
         spec["path"] = str(path if path.is_absolute() else base_dir / path)
+        spec["classes"] = data.integer("classes", low=2) if data.has("classes") else None
     return spec
 
 
@@ -142,6 +143,14 @@ def _load_npz(spec: dict[str, Any], source: str) -> Dataset:
     x = arrays["x"].astype(np.float64)
     y = arrays["y"].astype(np.int64)
     classes = int(max(y.max(), arrays["y_test"].max() if has_test else 0)) + 1
+    if spec.get("classes") is not None:
+        for yk in ("y", "y_test") if has_test else ("y",):
+            if arrays[yk].max() >= spec["classes"]:
+                raise InputError(path, yk, f"has label {int(arrays[yk].max())}, outside the {spec['classes']} "
+                                 f"classes the recipe declares (data.classes)")
+        classes = spec["classes"]
+    if classes < 2:
+        raise InputError(path, "y", "needs at least 2 classes")
     if has_test:
         x_train, y_train, x_test, y_test = x, y, arrays["x_test"].astype(np.float64), arrays["y_test"].astype(np.int64)
     else:

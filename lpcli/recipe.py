@@ -82,7 +82,10 @@ def resolve_recipe_path(recipe: str | Path | None) -> Path:
 def load_recipe(recipe: str | Path | None = None) -> Recipe:
     path = resolve_recipe_path(recipe)
     source = str(path)
-    top = Fields(source, "", read_document(path), RECIPE_KEYS)
+    doc = read_document(path)
+    if doc is None:
+        raise InputError(source, "", "is empty; a recipe needs model, data and training sections")
+    top = Fields(source, "", doc, RECIPE_KEYS)
     for key in ("model", "data", "training"):
         if not top.has(key):
             top.fail("missing", field=key)

@@ -217,3 +217,53 @@ def find_output_layer(model: nn.Module, example: torch.Tensor, candidates: list[
         for handle in handles:
             handle.remove()
     return outputs.get(id(out))
+
+
+class NonFiniteWatch:
+    """Finds where NaN or inf first appears in a training step: a layer's activation
+    (forward), its error (backward), its weight gradient, or its weights after the update.
+
+    Hooks only collect device-side flags; :meth:`end_step` reads them with one
+    synchronization per step and names the first offender in execution order.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str]) -> None:
+        modules = dict(model.named_modules())
+        self.layers = {name: modules[name] for name in layers}
+        self._flags: list[tuple[str, str, torch.Tensor]] = []
+        self._handles: list[Any] = []
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            for param in module.parameters(recurse=False):
+                self._handles.append(param.register_post_accumulate_grad_hook(
+                    lambda p, name=name: self._record(name, "weight_grad", p.grad)))
+
+    def _record(self, layer: str, tensor: str, x: torch.Tensor) -> None:
+        self._flags.append((layer, tensor, torch.isfinite(x).all()))
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if not torch.is_grad_enabled():
+                return
+            self._record(name, "activation", output)
+            if output.requires_grad:
+                output.register_hook(lambda grad: self._record(name, "error", grad))
+        return hook
+
+    def end_step(self, loss: torch.Tensor) -> tuple[str, str] | None:
+        """Call after the optimizer step: the first (layer, tensor) that held a
+        non-finite value in this step, ``("loss", "loss")`` if only the loss did, or None."""
+        for name, module in self.layers.items():
+            for param in module.parameters(recurse=False):
+                self._record(name, "weight", param)
+        flags, self._flags = self._flags, []
+        finite = torch.stack([f for _, _, f in flags] + [torch.isfinite(loss).all()])
+        if bool(finite.all()):
+            return None
+        first = int((~finite).nonzero()[0])
+        return flags[first][:2] if first < len(flags) else ("loss", "loss")
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -90,3 +90,34 @@ def test_find_output_layer():
     assert find_output_layer(model, torch.randn(2, 6), ["0", "2"]) == "2"
     flattened = nn.Sequential(nn.Linear(6, 4), nn.Unflatten(1, (2, 2)), nn.Flatten())
     assert find_output_layer(flattened, torch.randn(2, 6), ["0"]) is None
+
+
+def test_watch_names_the_first_non_finite_tensor():
+    from lpcli.simulate import NonFiniteWatch
+
+    model = make_model()
+    watch = NonFiniteWatch(model, ["0", "2"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    found = []
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("nan")  # poisons layer 2's output from now on
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        found.append(watch.end_step(loss))
+    assert found[:2] == [None, None]
+    assert found[2] == ("2", "activation")
+
+
+def test_watch_sees_a_gradient_blow_up_in_the_backward_pass():
+    from lpcli.simulate import NonFiniteWatch
+
+    model = make_model()
+    watch = NonFiniteWatch(model, ["0", "2"])
+    out = model(torch.randn(4, 6))
+    (out.sum() * float("inf")).backward()
+    assert watch.end_step(torch.tensor(1.0)) == ("2", "error")
