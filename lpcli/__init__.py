@@ -1,8 +1,21 @@
-"""lpcli: precision analysis for training deep neural networks in limited precision."""
+"""lpcli: precision analysis for training deep neural networks in limited precision.
+
+Every CLI command has a library twin::
+
+    from lpcli import analyze, recommend, train_check   # analyze / recommend / train-check
+    from lpcli import StatsCollector                     # stats from your own training loop
+    from lpcli import KahanSGD, quantize, parse_format   # the optimizer and the formats
+"""
 
 __version__ = "0.1.0"
 
+from .check import train_check  # noqa: E402
 from .formats import parse_format, quantize  # noqa: E402
 from .optim import KahanSGD  # noqa: E402
+from .plan import Plan  # noqa: E402
+from .recipe import load_recipe  # noqa: E402
+from .recommend import Rules, recommend  # noqa: E402
+from .stats import StatsCollector, analyze  # noqa: E402
 
-__all__ = ["KahanSGD", "parse_format", "quantize", "__version__"]
+__all__ = ["KahanSGD", "Plan", "Rules", "StatsCollector", "analyze", "load_recipe", "parse_format", "quantize",
+           "recommend", "train_check", "__version__"]

@@ -201,24 +201,6 @@ def _grad_hook(fmt: Format, counter: Counter, simulator: Simulator):
     return hook
 
 
-def find_output_layer(model: nn.Module, example: torch.Tensor, candidates: list[str]) -> str | None:
-    """The candidate layer whose output tensor is returned as the model's output."""
-    outputs: dict[int, str] = {}
-    modules = dict(model.named_modules())
-    handles = [modules[name].register_forward_hook(
-        lambda m, i, o, name=name: outputs.__setitem__(id(o), name)) for name in candidates]
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(example)
-        model.train(was_training)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs.get(id(out))
-
-
 class NonFiniteWatch:
     """Finds where NaN or inf first appears in a training step: a layer's activation
     (forward), its error (backward), its weight gradient, or its weights after the update.

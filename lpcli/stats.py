@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,9 +41,8 @@ from .data import Dataset, batch_indices, load_data
 from .errors import InputError
 from .files import check_header, header
 from .models import build_model, quantizable_layers
-from .recipe import Recipe
+from .recipe import Recipe, load_recipe
 from .schema import Fields
-from .simulate import find_output_layer
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
 TENSOR_KINDS = ("weight", "activation", "error", "weight_grad", "update")
@@ -129,11 +129,21 @@ class StatsCollector:
         self.batch_size: int | None = None
         self._handles = [module.register_forward_hook(self._forward_hook(name))
                          for name, module in self.layers.items()]
+        self._outputs: dict[int, tuple[str, torch.Tensor]] = {}  # held until the forward ends: ids stay unique
+        self.output_layer: str | None = None
+        self._handles.append(model.register_forward_hook(self._model_hook))
+
+    def _model_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """Note which layer's output is the model's output (the logits)."""
+        if isinstance(output, torch.Tensor) and id(output) in self._outputs:
+            self.output_layer = self._outputs[id(output)][0]
+        self._outputs.clear()
 
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
                 return
+            self._outputs[id(output)] = (name, output)
             self.summaries[name]["activation"].add(output)
             self.activation_elements[name] = output[0].numel()
             self.batch_size = output.shape[0]
@@ -185,7 +195,7 @@ class StatsCollector:
             "lpcli": header("stats"),
             "source": source or {},
             "classes": classes,
-            "output_layer": output_layer,
+            "output_layer": output_layer if output_layer is not None else self.output_layer,
             "training": {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
                          "batch_size": self.batch_size, "steps": self.steps},
             "layers": layers,
@@ -197,9 +207,15 @@ class StatsCollector:
         write_document(path, self.document(classes, output_layer))
 
 
-def analyze(recipe: Recipe, steps: int | None = None, seed: int | None = None,
+def analyze(recipe: Recipe | str | Path | None = None, steps: int | None = None, seed: int | None = None,
             progress: Callable[[int, int], None] | None = None, data: Dataset | None = None) -> dict[str, Any]:
-    """Train the recipe's model in fp32 for ``steps`` steps and summarize every layer."""
+    """Train the recipe's model in fp32 for ``steps`` steps and summarize every layer.
+
+    ``recipe`` is a loaded :class:`Recipe`, a path, or a bundled recipe's name (default
+    ``digits-mlp``). Returns the stats document (see the module docstring).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
     training = recipe.training
     seed = training.seed if seed is None else seed
     steps = training.analyze_steps if steps is None else steps
@@ -210,7 +226,6 @@ def analyze(recipe: Recipe, steps: int | None = None, seed: int | None = None,
     layers = quantizable_layers(model)
     if not layers:
         raise InputError(recipe.source, "model", "has no layer with a weight to analyze")
-    output_layer = find_output_layer(model, data.x_train[:2], list(layers))
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay)
     collector = StatsCollector(model, training.lr, training.momentum, training.weight_decay, seed=seed)
@@ -224,7 +239,7 @@ def analyze(recipe: Recipe, steps: int | None = None, seed: int | None = None,
         if progress:
             progress(step + 1, steps)
     collector.remove()
-    return collector.document(data.classes, output_layer,
+    return collector.document(data.classes, collector.output_layer,
                               {"recipe": recipe.source, "data": data.name, "seed": seed})
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import RECIPES, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from conftest import RECIPES, run_cli
 
 BASE = yaml.safe_load((RECIPES / "digits-mlp.yaml").read_text())
 BASE["training"].update(steps=20, analyze_steps=3)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpcli.formats import parse_format, quantize
-from lpcli.simulate import Simulator, find_output_layer
+from lpcli.simulate import Simulator
 
 
 def make_model() -> nn.Sequential:
@@ -85,11 +85,17 @@ def test_remove_detaches_hooks():
     assert not torch.equal(model(x), quantized)
 
 
-def test_find_output_layer():
+def test_stats_collector_finds_the_output_layer():
+    from lpcli.stats import StatsCollector
+
     model = make_model()
-    assert find_output_layer(model, torch.randn(2, 6), ["0", "2"]) == "2"
+    collector = StatsCollector(model, lr=0.1)
+    model(torch.randn(2, 6)).sum().backward()
+    assert collector.output_layer == "2"
     flattened = nn.Sequential(nn.Linear(6, 4), nn.Unflatten(1, (2, 2)), nn.Flatten())
-    assert find_output_layer(flattened, torch.randn(2, 6), ["0"]) is None
+    collector = StatsCollector(flattened, lr=0.1)
+    flattened(torch.randn(2, 6))
+    assert collector.output_layer is None
 
 
 def test_watch_names_the_first_non_finite_tensor():
