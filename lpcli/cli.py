@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .files import dumps, read_document, write_document
 from .formats import ALIASES, FormatError, parse_format
 from .plan import Plan, plan_from_document
@@ -80,8 +80,9 @@ def handle_errors(command: Callable) -> Callable:
         except (InputError, FormatError) as exc:
             sys.stderr.write(f"error: {exc}\n")
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            sys.stderr.write("interrupted\n")
+        except KeyboardInterrupt as stop:
+            detail = f": {stop.describe()}" if isinstance(stop, Interrupted) else ""
+            sys.stderr.write(f"interrupted{detail}; nothing written\n")
             raise typer.Exit(130) from None
     return wrapper
 
@@ -208,7 +209,9 @@ def train_check_command(
     grad_bits: Annotated[int | None, typer.Option(min=2, max=24, help="Probe: weight gradients at this width.",
                                                      show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Training steps (default: the recipe's).",
-                                                 show_default=False)] = None,
+                                              show_default=False)] = None,
+    stochastic: Annotated[bool, typer.Option("--stochastic", help="Add a fourth run: plain low-precision SGD "
+                                             "with stochastic rounding of the weight update.")] = False,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -231,7 +234,7 @@ def train_check_command(
             plan = plan.with_fraction_bits(tensor, width)
     with progress_bar(not as_json) as progress:
         report = train_check(loaded, plan, tolerance=tolerance, seed=seed, steps=steps,
-                             plan_source=str(plan_path or "plan"), progress=progress)
+                             plan_source=str(plan_path or "plan"), progress=progress, stochastic=stochastic)
     emit(report, as_json, output, lambda: render_check(report, stdout), "report")
     if not report["verdict"]["passed"]:
         raise typer.Exit(1)

@@ -21,3 +21,17 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix when a close match exists, else ''."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with what had finished: the CLI reports it and exits 130."""
+
+    def __init__(self, run: str, step: int, total: int, finished: dict[str, float | None] | None = None) -> None:
+        super().__init__(run, step, total)
+        self.run, self.step, self.total = run, step, total
+        self.finished = finished or {}
+
+    def describe(self) -> str:
+        done = ", ".join(f"{name} ({'diverged' if acc is None else f'test accuracy {acc:.2%}'})"
+                         for name, acc in self.finished.items()) or "no run"
+        return f"stopped in the {self.run} run at step {self.step} of {self.total}; finished: {done}"

@@ -18,9 +18,9 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _pair(values: dict[str, float | None]) -> str:
-    """'plain / kahan' percentages."""
-    return "/".join("-" if values.get(run) is None else f"{values[run] * 100:.1f}" for run in ("plain", "kahan"))
+def _pair(values: dict[str, float | None], runs: tuple[str, ...] = ("plain", "kahan")) -> str:
+    """'plain / kahan' (or 'plain / kahan / stochastic') percentages."""
+    return "/".join("-" if values.get(run) is None else f"{values[run] * 100:.1f}" for run in runs)
 
 
 def render_stats(doc: dict[str, Any], console: Console) -> None:
@@ -86,12 +86,20 @@ def render_check(report: dict[str, Any], console: Console) -> None:
         runs.add_column(col, justify=justify)
     for name, run in report["runs"].items():
         gap = run.get("gap_to_fp32")
-        runs.add_row(name, "diverged" if run["diverged"] else _pct(run["test_accuracy"], 2),
+        runs.add_row(name, f"diverged at step {run['diverged_at']}" if run["diverged"] else
+                     _pct(run["test_accuracy"], 2),
                      "-" if gap is None else f"{gap * 100:.2f} pt", _num(run["final_loss"]), _num(run["test_loss"]))
     console.print(runs)
+    for name, run in report["runs"].items():
+        if run["diverged"]:
+            where = run["diverged_in"]
+            console.print(f"{name}: the first non-finite value appeared in layer {where['layer']}'s "
+                          f"{where['tensor']} at step {run['diverged_at']}", highlight=False)
 
     plan = report["plan"]
-    diag = Table(title="Diagnostics per layer, plain / kahan, in %", title_justify="left",
+    lp_runs = ("plain", "kahan", "stochastic") if "stochastic" in report["runs"] else ("plain", "kahan")
+    run_names = " / ".join(lp_runs)
+    diag = Table(title=f"Diagnostics per layer, {run_names}, in %", title_justify="left",
                  caption_justify="left")
     columns = {"lost upd.": "lost_updates", "lost mass": "lost_mass", "err. uflow": "error_underflow",
                "grad uflow": "weight_grad_underflow"}
@@ -100,19 +108,19 @@ def render_check(report: dict[str, Any], console: Console) -> None:
     for col in [*columns, "saturated"]:
         diag.add_column(col, justify="right")
     for name, d in report["diagnostics"].items():
-        cells = [_pair(d.get(key, {})) for key in columns.values()]
+        cells = [_pair(d.get(key, {}), lp_runs) for key in columns.values()]
         saturated = {run: max((d.get(f"{k}_saturated", {}).get(run) or 0.0)
-                              for k in ("activation", "error", "weight_grad")) for run in ("plain", "kahan")}
-        diag.add_row(name, plan["layers"][name]["weight"], *cells, _pair(saturated))
+                              for k in ("activation", "error", "weight_grad")) for run in lp_runs}
+        diag.add_row(name, plan["layers"][name]["weight"], *cells, _pair(saturated, lp_runs))
     diag.caption = ("lost upd.: updates that changed nothing; lost mass: share of the summed intended update "
                     "missing from the weights at the end; uflow: non-zero values rounded to zero")
     console.print(diag)
     soft = report["softmax"]
     console.print(
-        f"softmax, plain/kahan: input {plan['softmax_input']}: logits saturated "
-        f"{_pair({r: soft[r]['logits_saturated'] for r in soft})}%\n"
+        f"softmax, {'/'.join(lp_runs)}: input {plan['softmax_input']}: logits saturated "
+        f"{_pair({r: soft[r]['logits_saturated'] for r in soft}, lp_runs)}%\n"
         f"error {plan['softmax_error']}: non-target errors flushed "
-        f"{_pair({r: soft[r]['non_target_errors_flushed'] for r in soft})}%", highlight=False)
+        f"{_pair({r: soft[r]['non_target_errors_flushed'] for r in soft}, lp_runs)}%", highlight=False)
     verdict = report["verdict"]
     mark = "[bold green]PASSED[/]" if verdict["passed"] else "[bold red]FAILED[/]"
     console.print(f"{mark}: {verdict['reason']}", highlight=False)

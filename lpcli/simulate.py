@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import Float32, Format, quantize, saturated
+from .formats import DynamicFixedPoint, Float32, Format, quantize
 
 COUNT_FIELDS = ("elements", "nonzero", "saturated", "underflow")
 
@@ -30,19 +30,27 @@ class Counter:
         self.totals: torch.Tensor | None = None
 
     def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format) -> None:
-        nonzero = x != 0
+        # Rounding maps 0 to 0, so the values that underflowed are the non-zeros of x
+        # that are zeros of q: nonzero(x) - nonzero(q). Two counting passes, no masks.
+        nonzero = torch.count_nonzero(x)
         counts = torch.stack([
-            torch.tensor(x.numel(), device=x.device, dtype=torch.float64),
-            nonzero.sum(dtype=torch.float64),
-            saturated(x, fmt).sum(dtype=torch.float64),
-            ((q == 0) & nonzero).sum(dtype=torch.float64),
+            torch.tensor(float(x.numel()), device=x.device, dtype=torch.float64),
+            nonzero.double(),
+            _saturated_count(x, fmt),
+            (nonzero - torch.count_nonzero(q)).double(),
         ])
-        self.totals = counts if self.totals is None else self.totals + counts
+        self.totals = counts if self.totals is None else self.totals.add_(counts)
 
     def as_dict(self) -> dict[str, float]:
         if self.totals is None:
             return dict.fromkeys(COUNT_FIELDS, 0.0)
         return dict(zip(COUNT_FIELDS, self.totals.tolist(), strict=True))
+
+
+def _saturated_count(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    if isinstance(fmt, (Float32, DynamicFixedPoint)):
+        return torch.zeros((), device=x.device, dtype=torch.float64)
+    return (torch.count_nonzero(x > fmt.max_value) + torch.count_nonzero(x < fmt.min_value)).double()
 
 
 def shares(counts: Mapping[str, float]) -> dict[str, float | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -21,16 +23,23 @@ def f32(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).astype(np.float32)
 
 
-def reference_run(w0, grads, lr, momentum, decay, wf, cf, kahan):
-    """Each operation in float64, rounded to float32 as the float32 implementation does."""
+def reference_run(w0, grads, lr, momentum, decay, wf, cf, kahan, nesterov=False, mf=None):
+    """Each operation in float64, rounded to float32 as the float32 implementation does.
+
+    The documented order: decay and Nesterov are a multiply then an add (two roundings);
+    the momentum buffer starts at zero and is rounded onto ``mf`` after its multiply and
+    after its add; a fixed-point compensation leaves ``y`` and ``t - w`` in float32.
+    """
+    qm = (lambda v: v) if mf is None else (lambda v: q_fixed(v, mf))
     w = q_fixed(w0, wf)
     c = np.zeros_like(w)
-    buf = None
+    buf = np.zeros_like(w)
+    m32 = np.float64(np.float32(momentum))
     for g in grads:
-        d = g if decay == 0 else f32(g.astype(np.float64) + np.float64(np.float32(decay)) * w)
+        d = g if decay == 0 else f32(g.astype(np.float64) + f32(w * np.float64(np.float32(decay))))
         if momentum:
-            buf = d.copy() if buf is None else f32(f32(buf * np.float64(np.float32(momentum))) + d)
-            d = buf
+            buf = qm(f32(qm(f32(buf * m32)).astype(np.float64) + d))
+            d = f32(d.astype(np.float64) + f32(buf * m32)) if nesterov else buf
         u = f32(d.astype(np.float64) * np.float64(np.float32(-lr)))
         if kahan:
             y = f32(u.astype(np.float64) - c)
@@ -43,20 +52,25 @@ def reference_run(w0, grads, lr, momentum, decay, wf, cf, kahan):
 
 
 @pytest.mark.parametrize("kahan", [True, False])
-@pytest.mark.parametrize("momentum,decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3)])
+@pytest.mark.parametrize("momentum,decay,nesterov,mf", [
+    (0.0, 0.0, False, None), (0.9, 0.0, False, None), (0.9, 1e-3, False, None),
+    (0.9, 1e-3, True, None), (0.9, 0.0, False, "fx12.8"), (0.9, 1e-3, True, "fx10.7"),
+])
 @pytest.mark.parametrize("fmt", ["fx8.7", "fx12.10", "fx6.3"])
-def test_fixed_point_trajectory_matches_float64_reference(kahan, momentum, decay, fmt):
+def test_fixed_point_trajectory_matches_float64_reference(kahan, momentum, decay, nesterov, mf, fmt):
     rng = np.random.default_rng(7)
     w0 = rng.normal(0, 0.3, size=(64, 33)).astype(np.float32)
     grads = [rng.normal(0, 0.05, size=w0.shape).astype(np.float32) for _ in range(200)]
     wf = parse_format(fmt)
+    mfmt = None if mf is None else parse_format(mf)
     lr = 0.01
     p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
-    opt = KahanSGD([p], lr=lr, momentum=momentum, weight_decay=decay, weight_format=wf, kahan=kahan)
+    opt = KahanSGD([p], lr=lr, momentum=momentum, weight_decay=decay, weight_format=wf, kahan=kahan,
+                   nesterov=nesterov, momentum_format=mf)
     for g in grads:
         p.grad = torch.from_numpy(g)
         opt.step()
-    ref_w, ref_c = reference_run(w0, grads, lr, momentum, decay, wf, compensation_format(wf), kahan)
+    ref_w, ref_c = reference_run(w0, grads, lr, momentum, decay, wf, compensation_format(wf), kahan, nesterov, mfmt)
     assert np.array_equal(p.detach().numpy().view(np.int32), ref_w.view(np.int32))
     if kahan:
         assert np.array_equal(opt.state[p]["compensation"].numpy(), ref_c)
@@ -114,6 +128,136 @@ def test_weights_rounded_onto_format_at_start_and_saturation_counted():
 
 def test_rejects_bad_hyperparameters():
     p = torch.nn.Parameter(torch.zeros(2))
-    for kwargs in ({"lr": 0.0}, {"lr": 0.1, "momentum": 1.0}, {"lr": 0.1, "weight_decay": -1.0}):
+    for kwargs in ({"lr": 0.0}, {"lr": 0.1, "momentum": 1.0}, {"lr": 0.1, "weight_decay": -1.0},
+                   {"lr": 0.1, "nesterov": True}, {"lr": 0.1, "mode": "exact"},
+                   {"lr": 0.1, "mode": "plain", "kahan": True}):
         with pytest.raises(ValueError):
             KahanSGD([p], **kwargs)
+
+
+# --- torch-optimi ---------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Parameter `foreach` is deprecated")
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("momentum", [0.0, 0.875])
+def test_bf16_kahan_bit_identical_to_torch_optimi(momentum, foreach):
+    """optimi's SGD(kahan_sum=True) on bf16 parameters, 200 steps, against ours on float32
+    tensors held on the bf16 grid. Our float-format Kahan step rounds y = u - c and t - w to
+    the compensation format, which is optimi's operation order with c = -kahan_comp (see
+    lpcli/optim.py). lr and momentum are bf16-exact: PyTorch rounds the scalar of an in-place
+    bf16 op to bf16 first, so other values would compare two different learning rates.
+    optimi's momentum buffer is bf16 (m = m * momentum, then m + g, each rounded): ours with
+    momentum_format bf16. Weight decay is left out: optimi adds it to the bf16 gradient in
+    place (one more bf16 rounding of g) where ours keeps g + w * decay in float32."""
+    optimi = pytest.importorskip("optimi")
+    gen = torch.Generator().manual_seed(1)
+    w0 = (torch.randn(64, 47, generator=gen) * 0.5).bfloat16()
+    theirs = torch.nn.Parameter(w0.clone())
+    ours = torch.nn.Parameter(w0.float())
+    ref = optimi.SGD([theirs], lr=0.0625, momentum=momentum, kahan_sum=True, foreach=foreach)
+    opt = KahanSGD([ours], lr=0.0625, momentum=momentum, weight_format="bf16", foreach=foreach,
+                   momentum_format="bf16" if momentum else None)
+    for _ in range(200):
+        g = (torch.randn(64, 47, generator=gen) * 0.01).bfloat16()
+        theirs.grad, ours.grad = g.clone(), g.float()
+        ref.step()
+        opt.step()
+    assert torch.equal(theirs.detach().float(), ours.detach())
+    assert torch.equal(-ref.state[theirs]["kahan_comp"].float(), opt.state[ours]["compensation"])
+    if momentum:
+        assert torch.equal(ref.state[theirs]["exp_avg"].float(), opt.state[ours]["momentum_buffer"])
+    # not a vacuous match: most single steps change nothing, yet the run moved the weights
+    assert not torch.equal(ours.detach(), w0.float())
+
+
+# --- paths, modes, state --------------------------------------------------------------------
+
+FORMATS = ["fx10.6", "bf16", "fp32", "dfx8", "e4m3"]
+SHAPES = [(40, 130), (7,), (3, 50, 31), (1,)]  # two take the compiled step
+
+
+def _run(fmt, mode, steps=30, foreach=True, momentum_format=None, split=None, **kwargs):
+    """Several tensors, momentum + Nesterov + decay; returns params, optimizer."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.4) for s in SHAPES]
+    grads = [[torch.randn(s) * 0.05 for s in SHAPES] for _ in range(steps)]
+    make = lambda ps: KahanSGD(ps, lr=0.01, momentum=0.9, weight_decay=1e-3, nesterov=True,  # noqa: E731
+                               weight_format=fmt, mode=mode, momentum_format=momentum_format, seed=5,
+                               foreach=foreach, **kwargs)
+    opt = make(params)
+    for i, gs in enumerate(grads):
+        if split is not None and i == split:
+            saved = copy.deepcopy(opt.state_dict())
+            params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            opt = make(params)
+            opt.load_state_dict(saved)
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def _same(a, b):
+    pa, oa = a
+    pb, ob = b
+    assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pa, pb, strict=True))
+    for x, y in zip(pa, pb, strict=True):
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert oa.diagnostics() == ob.diagnostics()
+
+
+@pytest.mark.parametrize("mode", ["kahan", "plain", "stochastic"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_foreach_and_per_tensor_paths_are_bit_identical(fmt, mode):
+    mf = {"fx10.6": "fx12.8", "bf16": "bf16", "dfx8": "dfx10"}.get(fmt)
+    _same(_run(fmt, mode, foreach=True, momentum_format=mf), _run(fmt, mode, foreach=False, momentum_format=mf))
+
+
+@pytest.mark.parametrize("mode", ["kahan", "stochastic"])
+@pytest.mark.parametrize("fmt", ["fx10.6", "bf16"])
+def test_resume_from_state_dict_is_bit_identical(fmt, mode):
+    mf = "fx12.8" if fmt == "fx10.6" else "bf16"
+    _same(_run(fmt, mode, momentum_format=mf), _run(fmt, mode, momentum_format=mf, split=13))
+
+
+def test_stochastic_rounding_keeps_small_updates_in_expectation_and_is_seeded():
+    wf = FixedPoint(8, 6)  # step 1/64; updates of 1e-3 are lost by nearest rounding
+    finals = []
+    for seed in (0, 0, 1):
+        p = torch.nn.Parameter(torch.zeros(2000))
+        opt = KahanSGD([p], lr=0.01, weight_format=wf, mode="stochastic", seed=seed)
+        for _ in range(400):
+            p.grad = torch.full((2000,), -0.1)
+            opt.step()
+        finals.append(p.detach().clone())
+    assert torch.equal(finals[0], finals[1]) and not torch.equal(finals[0], finals[2])
+    assert finals[0].mean().item() == pytest.approx(0.4, abs=0.01)  # unbiased
+    assert finals[0].std().item() > wf.step  # but noisy
+
+
+def test_diagnostics_can_be_turned_off_and_report_last_step():
+    p = torch.nn.Parameter(torch.zeros(100))
+    q = torch.nn.Parameter(torch.zeros(100))
+    off = KahanSGD([p], lr=0.01, weight_format="fx8.6", diagnostics=False)
+    on = KahanSGD([q], lr=0.01, weight_format="fx8.6")
+    for _ in range(10):
+        p.grad = torch.full((100,), -0.1)
+        q.grad = torch.full((100,), -0.1)
+        off.step()
+        on.step()
+    assert torch.equal(p.detach(), q.detach())
+    assert off.diagnostics()[0]["lost_mass"] is None and "intended" not in off.state[p]
+    d = on.diagnostics()[0]
+    assert d["lost_updates_step"] in (0.0, 1.0) and 0 < d["lost_updates"] < 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,mf", [("fx10.6", "fx12.8"), ("bf16", "bf16")])
+def test_compiled_step_matches_eager(fmt, mf):
+    pytest.importorskip("torch._inductor")
+    _same(_run(fmt, "kahan", momentum_format=mf), _run(fmt, "kahan", momentum_format=mf, compile=True))
+    _same(_run(fmt, "plain", momentum_format=mf), _run(fmt, "plain", momentum_format=mf, compile=True))

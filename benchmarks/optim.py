@@ -1,0 +1,93 @@
+"""Step time of KahanSGD on the CPU, as ratios to torch.optim.SGD and torch-optimi measured in the same run.
+
+    PYTHONPATH=. python benchmarks/optim.py [--params 10_000_000] [--tensors 20] [--rounds 7] [--no-compile]
+
+~10M parameters in ~20 float32 tensors, gradients fixed. Baselines: ``torch.optim.SGD(momentum=0.9,
+foreach=True)`` on float32 and torch-optimi's ``SGD(kahan_sum=True, momentum=0.875)`` on bfloat16
+parameters. Every optimizer is stepped once per round, round after round (interleaved, so that load
+from other processes hits all of them alike); each line shows the minimum (and median) over rounds,
+divided by the baseline's minimum (median). ``compile`` rows fuse each tensor's step with
+torch.compile; their one-off compilation time is printed separately. One torch thread (see
+benchmarks/README.md for why). Targets: fixed point with diagnostics <= 2x torch SGD; bf16 <= 1x optimi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lpcli.optim import KahanSGD
+
+
+def params(total: int, tensors: int, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    size = total // tensors
+    out = []
+    for _ in range(tensors):
+        p = torch.nn.Parameter((torch.randn(size, generator=gen) * 0.3).to(dtype))
+        p.grad = (torch.randn(size, generator=gen) * 1e-2).to(dtype)
+        out.append(p)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=10_000_000)
+    parser.add_argument("--tensors", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, k = args.params, args.tensors
+
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "torch SGD fp32 (baseline)": torch.optim.SGD(params(n, k), lr=0.01, momentum=0.9, foreach=True),
+    }
+    try:
+        import optimi
+
+        optimizers["optimi SGD kahan bf16 (baseline)"] = optimi.SGD(
+            params(n, k, torch.bfloat16), lr=0.0625, momentum=0.875, kahan_sum=True, foreach=False)
+    except ImportError:
+        print("torch-optimi not installed: no optimi baseline")
+    compiles = (False,) if args.no_compile else (False, True)
+    for fmt, mf in (("fx12.8", None), ("bf16", "bf16")):
+        for compiled in compiles:
+            for foreach in ((True, False) if not compiled else (True,)):
+                for diag in (True, False):
+                    path = "compile" if compiled else ("foreach" if foreach else "per-tensor")
+                    name = f"KahanSGD {fmt:6} {path:10} diag {'on ' if diag else 'off'}"
+                    optimizers[name] = KahanSGD(params(n, k), lr=0.0625, momentum=0.875, weight_format=fmt,
+                                                momentum_format=mf, foreach=foreach, compile=compiled,
+                                                diagnostics=diag)
+    for name, opt in optimizers.items():  # warm up; compilation happens here
+        start = time.perf_counter()
+        opt.step()
+        if "compile" in name:
+            print(f"first step (compilation) {name}: {time.perf_counter() - start:.1f} s")
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(args.rounds):
+        for name, opt in optimizers.items():
+            start = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - start)
+
+    base = times["torch SGD fp32 (baseline)"]
+    peer = times.get("optimi SGD kahan bf16 (baseline)")
+    print(f"\n{n / 1e6:.0f}M parameters in {k} tensors, {args.threads} thread(s), {args.rounds} rounds; "
+          "ratio of min (median)")
+    print(f"{'optimizer':44} {'ms (min)':>9} {'/ torch SGD':>15} {'/ optimi bf16':>15}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        row = f"{name:44} {min(ts) * 1e3:9.2f} {min(ts) / min(base):7.2f} ({med / statistics.median(base):5.2f})"
+        if peer:
+            row += f" {min(ts) / min(peer):7.2f} ({med / statistics.median(peer):5.2f})"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
