@@ -149,17 +149,34 @@ def analyze_command(
     emit(doc, as_json, output, lambda: render_stats(doc, stdout), "stats")
 
 
-def _rules(kahan: bool, headroom: int, max_bits: int) -> Rules:
-    return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits)
+def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", range_from: str = "p999",
+           widths: str | None = None, margin: int = 0) -> Rules:
+    parsed = None
+    if widths is not None:
+        try:
+            parsed = tuple(int(w) for w in widths.replace(" ", "").split(",") if w)
+        except ValueError:
+            raise InputError("command line", "--widths", f"must be comma-separated integers like 4,8,16, "
+                             f"got {widths!r}") from None
+    try:
+        return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits, family=family, range_from=range_from,
+                     widths=parsed, margin=margin)
+    except ValueError as exc:
+        field = "--widths" if "width" in str(exc) else "--family" if "family" in str(exc) else "--range"
+        raise InputError("command line", field, str(exc)) from None
 
 
 def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,
-          show_progress: bool) -> tuple[Plan, Recipe | None]:
+          show_progress: bool, stats_out: dict[str, Any] | None = None) -> tuple[Plan, Recipe | None]:
+    """The recommended plan and the recipe (None for a stats file alone); ``stats_out``
+    receives the stats the plan came from."""
     recipe = load_recipe(recipe_arg) if recipe_arg is not None or stats_path is None else None
     if stats_path is not None:
         stats = validate_stats(read_document(stats_path), str(stats_path))
     else:
         stats = _stats_for(recipe, seed, show_progress)
+    if stats_out is not None:
+        stats_out.update(stats)
     precision = recipe.precision if recipe is not None else None
     return recommend(stats, rules, precision, source=recipe.source if recipe else str(stats_path)), recipe
 
@@ -173,16 +190,74 @@ def recommend_command(
                                                   show_default=False)] = None,
     output: _output_opt("plan") = None,
     kahan: Annotated[bool, typer.Option(help="Plan for SGD with Kahan summation (else plain SGD).")] = True,
+    family: Annotated[str, typer.Option(help="Number family: fixed (fx<W>.<F>) or float (e<E>m<M>fn).")] = "fixed",
+    range_from: Annotated[str, typer.Option("--range", help="What the range must hold: p999 (the 99.9th "
+                                            "percentile; the saturation this predicts is in the reason) or absmax "
+                                            "(the largest value seen). Weights always use absmax.")] = "p999",
     headroom: Annotated[int, typer.Option(min=0, max=8, help="Range margin above the observed maxima, in "
                                           "bits.")] = 1,
+    margin: Annotated[int, typer.Option(min=0, max=8, help="Extra resolution bits (fraction or mantissa) on "
+                                        "every format.")] = 0,
+    widths: Annotated[str | None, typer.Option(help="Widths your hardware has, e.g. 4,8,16: every format is "
+                                               "rounded up to one (fixed point keeps its integer bits).",
+                                               show_default=False)] = None,
     max_bits: Annotated[int, typer.Option(min=2, max=24, help="Widest format to recommend.")] = 24,
+    verify: Annotated[bool, typer.Option("--verify", help="Then train-check the plan and, while the Kahan run "
+                                         "is outside the tolerance, widen what the diagnostics blame and retry "
+                                         "(needs a recipe).")] = False,
+    rounds: Annotated[int, typer.Option(min=1, max=8, help="--verify: at most this many widening rounds.")] = 4,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="--verify: pass when the Kahan run is within this "
+                                             "many points of fp32.")] = 1.0,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recommend a format for every layer and tensor, each with its reason, and the softmax widths."""
+    """Recommend a format for every layer and tensor, each with its reason, and the softmax widths.
+
+    With --verify, exits 0 when the final plan passes train-check, 1 when not.
+    """
     check_output(output)
-    plan, _ = _plan(recipe, stats, _rules(kahan, headroom, max_bits), seed, not as_json)
-    emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout), "plan")
+    if verify and recipe is None and stats is not None:
+        raise InputError("command line", "--verify", "needs a recipe to train (a stats file alone cannot be "
+                         "checked): give RECIPE too")
+    rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin)
+    used: dict[str, Any] = {}
+    plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used)
+    if not verify:
+        emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout), "plan")
+        return
+    from .verify import verify as verify_plan
+
+    assert loaded is not None
+    with progress_bar(not as_json) as progress:
+        plan, section = verify_plan(loaded, plan, used, tolerance=tolerance, rounds=rounds, max_bits=rules.widest,
+                                    seed=seed, progress=progress)
+    doc = {**plan.document(), "verify": section}
+    emit(doc, as_json, output, lambda: (render_plan(plan, stdout), _render_verify(section)), "plan")
+    if not section["passed"]:
+        raise typer.Exit(1)
+
+
+def _render_verify(section: dict[str, Any]) -> None:
+    """One line per verify round (accuracy gap, bits) and what it widened, then the verdict."""
+    for entry in section["rounds"]:
+        gap = "diverged" if entry["gap_points"] is None else f"gap {entry['gap_points']:+.2f} pt"
+        stdout.print(f"verify round {entry['round']}: Kahan {_acc(entry['kahan_accuracy'])} vs fp32 "
+                     f"{_acc(entry['fp32_accuracy'])} ({gap}), {entry['overall_bits']:.2f} bits/element "
+                     f"({entry['vs_16bit']:.0%} of 16-bit): {'passed' if entry['passed'] else 'failed'}",
+                     highlight=False)
+        for c in entry["widened"]:
+            stdout.print(f"  widen {c['layer']} {c['tensor']}: {c['from']} -> {c['to']} ({c['why']})", highlight=False)
+        if entry.get("stopped"):
+            stdout.print(f"  stopped: {entry['stopped']}", highlight=False)
+    final = section["final"]
+    mark = "[bold green]PASSED[/]" if final["passed"] else "[bold red]FAILED[/]"
+    stdout.print(f"{mark} after {section['widenings']} widening round(s): {final['verdict']}; final plan "
+                 f"{final['overall_bits']:.2f} bits per stored element, {final['vs_16bit']:.0%} of uniform 16-bit",
+                 highlight=False)
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 WidthOpt = Annotated[int | None, typer.Option(min=2, max=24, show_default=False)]

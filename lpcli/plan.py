@@ -25,7 +25,7 @@ from .schema import Fields
 
 TENSORS = ("weight", "activation", "error", "weight_grad")
 PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "softmax_input", "softmax_error", "optimizer",
-             "reasons", "summary", "source")
+             "reasons", "summary", "source", "verify")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,13 @@ the one-line reason a user can check.
 Fixed point ``fx<W>.<F>`` is split into integer bits ``I = W - F`` (range, sign
 included) and fraction bits ``F`` (resolution), each from its own rule:
 
-* range: ``I = floor(log2(absmax)) + 2 + headroom`` holds ``absmax`` with
-  ``headroom`` doublings to spare (weights grow as training goes on; 50 analyze steps
-  see only the start).
+* range: ``I = floor(log2(top)) + 2 + headroom`` holds ``top`` with ``headroom``
+  doublings to spare (weights grow as training goes on; 50 analyze steps see only the
+  start). ``top`` is the 99.9th percentile of the magnitudes (``Rules.range_from =
+  "p999"``, the default: one outlier no longer costs a bit; the share this clips, read
+  off the binade histogram, is stated in the reason) or the absolute maximum
+  (``"absmax"``: nothing seen saturates). Weights always take the absolute maximum: a clipped weight
+  loses its update at every step, not once.
 * resolution: the step is at most ``rms / 2^resolution_bits``, so rounding noise
   (step/sqrt(12) for nearest rounding) stays ``resolution_bits`` binary orders below
   the signal; for errors and weight gradients also at most ``underflow`` of the
@@ -16,6 +20,31 @@ included) and fraction bits ``F`` (resolution), each from its own rule:
   update below half a step, so without Kahan summation the weights need
   ``F >= -log2(median |u|) - 1``. With Kahan the compensation carries the small
   updates and the weights need only their resolution rule.
+* errors and weight gradients, and Sakr & Shanbhag (ICLR 2019, "Per-Tensor
+  Fixed-Point Quantization of the Back-Propagation Algorithm"): they put a gradient
+  tensor's range at a multiple of its *largest* standard deviation and its step at its
+  *smallest*, so the range is set by the loud elements and the resolution by the quiet
+  ones. lpcli has the same split with what a per-tensor summary holds (one ``rms`` and a
+  histogram, no per-element or per-step deviations): the range from the top of the
+  distribution (``absmax`` or, for ``range_from="p999"``, the 99.9th percentile, which
+  is about 3.3 standard deviations of a Gaussian), the step from its bottom (the
+  underflow rule: the step at which at most ``underflow`` of the non-zero values
+  round to zero, stricter than a step at the smallest deviation). It is an adaptation,
+  not the paper's criteria: their constants come from a noise-gain analysis that
+  lpcli does not repeat.
+* floats (``Rules.family = "float"``, ``e<E>m<M>fn``; ``e8m<M>`` with 8 exponent bits):
+  the same two ends. The exponent bits are the fewest whose window holds the range
+  (largest value >= ``top * 2^headroom``) and reaches down to the fixed-point rule's
+  step (smallest subnormal <= ``2^-F``, so nothing the fixed point would keep
+  underflows); the bias is IEEE's, so the window is not centred on the data and may
+  need an exponent bit more than ``log2`` of the binades spanned. Mantissa bits
+  ``M = resolution_bits``: the relative step ``2^-M`` puts the step at the rms at most
+  ``rms / 2^resolution_bits``, the fixed-point resolution rule (and finer below it).
+* options applied to every format last: ``margin`` extra resolution bits (fraction or
+  mantissa), ``max_bits`` caps a width (resolution lost, said so), ``widths`` rounds a
+  width up to the next one the hardware has (fixed point keeps its integer bits and
+  gains fraction bits, a float gains mantissa bits); a width above the largest allowed
+  is capped with a note.
 * softmax (class count N): the input ``z - max(z)`` needs its range to reach the logit
   gap ``ln((N-1) * c / (1-c))`` of a prediction with confidence ``c``; the error
   ``p - y`` (range +-1) needs half a step below ``1/N`` to hold a non-target
@@ -27,7 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InputError
@@ -49,6 +78,36 @@ class Rules:
     softmax_error_man: int = 2  # softmax error float: mantissa bits
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
+    family: str = "fixed"  # "fixed" (fx<W>.<F>) or "float" (e<E>m<M>fn)
+    range_from: str = "p999"  # "p999" or "absmax": the value the range must hold (weights: always absmax)
+    widths: tuple[int, ...] | None = None  # widths the hardware has; every format is rounded up to one
+    margin: int = 0  # extra resolution bits (fraction or mantissa) on every format
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.range_from not in RANGES:
+            raise ValueError(f"range_from must be one of {', '.join(RANGES)}, got {self.range_from!r}")
+        if self.widths is not None:
+            if not self.widths or any(not 2 <= w <= MAX_FIXED_WIDTH for w in self.widths):
+                raise ValueError(f"widths must be 2..{MAX_FIXED_WIDTH}, got {list(self.widths)}")
+            if min(self.widths) > self.max_bits:
+                raise ValueError(f"no width in {list(self.widths)} is at most max_bits {self.max_bits}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+    @property
+    def allowed_widths(self) -> tuple[int, ...] | None:
+        return None if self.widths is None else tuple(sorted({w for w in self.widths if w <= self.max_bits}))
+
+    @property
+    def widest(self) -> int:
+        allowed = self.allowed_widths
+        return allowed[-1] if allowed else self.max_bits
+
+
+FAMILIES = ("fixed", "float")
+RANGES = ("absmax", "p999")
 
 
 def range_bits(absmax: float, headroom: int) -> int:
@@ -56,6 +115,30 @@ def range_bits(absmax: float, headroom: int) -> int:
     if absmax <= 0:
         return 1
     return math.floor(math.log2(absmax)) + 2 + headroom
+
+
+def range_top(summary: dict[str, Any], range_from: str, tensor: str) -> tuple[float, str]:
+    """The magnitude the range must hold and its name: the absolute maximum, or the 99.9th
+    percentile with ``range_from="p999"`` (weights always keep the maximum)."""
+    if range_from == "p999" and tensor != "weight" and summary.get("p999", 0) > 0:
+        return summary["p999"], "p99.9"
+    return summary["absmax"], "max"
+
+
+def saturation_share(summary: dict[str, Any], limit: float) -> float:
+    """Predicted share of *all* elements with ``|x| >= limit``, from the binade histogram
+    (exact for a power-of-two ``limit``, such as a fixed-point range ``2^(I-1)``; inside a
+    binade the count is spread evenly over ``log2 |x|``), scaled by the non-zero share."""
+    hist = summary.get("log2_hist")
+    if not hist or not hist["counts"] or limit <= 0:
+        return 0.0
+    counts, lowest = hist["counts"], hist["lowest"]
+    edge = math.log2(limit)
+    above = 0.0
+    for i, c in enumerate(counts):
+        lo = lowest + i
+        above += c * min(1.0, max(0.0, lo + 1 - edge))
+    return above / sum(counts) * (1 - summary.get("zero_share", 0.0))
 
 
 def noise_fraction_bits(rms: float, resolution_bits: int) -> int:
@@ -228,55 +311,152 @@ def softmax_formats(classes: int, rules: Rules | None = None, family: str = "fix
     raise ValueError(f"family must be 'fixed' or 'float', got {family!r}")
 
 
-def _fixed(integer: int, frac: int, rules: Rules, what: str) -> tuple[FixedPoint, str]:
-    """A format from its integer and fraction bits, narrowed to ``max_bits`` if needed."""
-    width = integer + frac
-    note = ""
-    if width > rules.max_bits:
-        frac -= width - rules.max_bits
-        width = rules.max_bits
-        note = f"; capped at {rules.max_bits} bits (resolution lost)"
+def _float(exp: int, man: int) -> FloatFormat:
+    """``e<E>m<M>fn`` (saturating) below 8 exponent bits, IEEE-style ``e8m<M>`` at 8."""
+    return FloatFormat(exp, man, finite=exp < 8)
+
+
+def set_width(fmt: Format, width: int) -> Format:
+    """``fmt`` at ``width`` bits with its range kept: fixed point keeps its integer bits
+    (fraction bits change), a float keeps its exponent bits (mantissa bits change; below
+    one mantissa bit the exponent gives way)."""
+    if isinstance(fmt, FixedPoint):
+        return FixedPoint(width, width - fmt.integer_bits)
+    if isinstance(fmt, FloatFormat):
+        exp = min(fmt.exp, width - 1)
+        return _float(exp, min(23, width - 1 - exp))
+    return fmt
+
+
+def add_resolution(fmt: Format, bits: int) -> Format:
+    """``bits`` more fraction (fixed) or mantissa (float) bits; the range stays."""
+    if isinstance(fmt, FixedPoint):
+        return FixedPoint(min(MAX_FIXED_WIDTH, max(2, fmt.width + bits)), fmt.frac + bits)
+    if isinstance(fmt, FloatFormat):
+        return _float(fmt.exp, max(0, min(23, fmt.man + bits)))
+    return fmt
+
+
+def finish(fmt: Format, rules: Rules) -> tuple[Format, str]:
+    """The last, global steps for every format, each noted: ``margin`` extra resolution
+    bits, the cap at ``max_bits`` (or the widest allowed width), the round-up to an
+    allowed width. Returns the format and the note to append to its reason."""
+    notes = []
+    if rules.margin:
+        fmt = add_resolution(fmt, rules.margin)
+        notes.append(f"+{rules.margin} bit margin")
+    widest = rules.widest
+    if fmt.width > widest:
+        old = fmt.width
+        fmt = set_width(fmt, widest)
+        what = "widths allowed" if rules.widths else "--max-bits"
+        notes.append(f"capped from {old} at {widest} bits ({what}; resolution lost)")
+    allowed = rules.allowed_widths
+    if allowed:
+        target = next(w for w in allowed if w >= fmt.width)
+        if target > fmt.width:
+            old = fmt
+            fmt = set_width(fmt, target)
+            kept = (f"same {fmt.integer_bits} integer bits, +{fmt.frac - old.frac} fraction bits"
+                    if isinstance(fmt, FixedPoint) else
+                    f"same {fmt.exp} exponent bits, +{fmt.man - old.man} mantissa bits")
+            notes.append(f"rounded up from {old.width} to {target} bits, the next width allowed ({kept})")
+    return fmt, "".join(f"; {n}" for n in notes)
+
+
+def _fixed(integer: int, frac: int, rules: Rules) -> tuple[FixedPoint, str]:
+    """A fixed-point format from its integer and fraction bits, then :func:`finish`."""
+    width, note = integer + frac, ""
+    if width > MAX_FIXED_WIDTH:
+        note = f"; capped from {width} at {MAX_FIXED_WIDTH} bits (resolution lost)"
+        frac, width = frac - (width - MAX_FIXED_WIDTH), MAX_FIXED_WIDTH
     if width < 2:
-        frac += 2 - width
-        width = 2
-    return FixedPoint(width, frac), note
+        frac, width = frac + 2 - width, 2
+    fmt, more = finish(FixedPoint(width, frac), rules)
+    return fmt, note + more  # type: ignore[return-value]
+
+
+def _range_reason(summary: dict[str, Any], rules: Rules, tensor: str, limit: float, what: str) -> tuple[float, str]:
+    top, name = range_top(summary, rules.range_from, tensor)
+    why = f"range {name} |x| {top:.3g} (+{rules.headroom_bits} bit): {what}"
+    if name != "max" or summary["absmax"] > limit:
+        why += f", predicts ~{saturation_share(summary, limit):.3%} saturated (max |x| {summary['absmax']:.3g})"
+    return top, why
+
+
+def fixed_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, Any],
+                        rules: Rules) -> tuple[FixedPoint, str]:
+    """Fixed point for one tensor of one layer with its reason (see the module docstring)."""
+    top, _ = range_top(summary, rules.range_from, tensor)
+    integer = range_bits(top, rules.headroom_bits)
+    _, why = _range_reason(summary, rules, tensor, 2.0 ** (integer - 1), f"{integer} int bits")
+    frac = noise_fraction_bits(summary["rms"], rules.resolution_bits)
+    why += f"; step <= rms {summary['rms']:.3g}/2^{rules.resolution_bits}: F>={frac}"
+    if tensor in ("error", "weight_grad"):
+        under = underflow_fraction_bits(summary, rules.underflow)
+        if under > frac:
+            frac = under
+            why += f"; <= {rules.underflow:.0%} of non-zero values underflow: F>={under}"
+    if tensor == "weight":
+        plain = plain_sgd_fraction_bits(update["p50"])
+        if rules.kahan:
+            fmt, _ = _fixed(integer, frac, rules)
+            lost = underflow_share(update, fmt.frac)
+            why += (f"; median |lr*g| {update['p50']:.2g} vs LSB/2 {fmt.step / 2:.2g}: "
+                    + (f"~{lost:.0%} of updates below it, Kahan keeps them in {compensation_format(fmt)}"
+                       if lost > 0 else "updates exceed LSB/2, Kahan kept on")
+                    + f" (plain SGD would need F>={plain}, {integer + plain} bits)")
+        elif plain > frac:
+            frac = plain
+            why += f"; without Kahan, median |lr*g| {update['p50']:.2g} must reach LSB/2: F>={plain}"
+    fmt, note = _fixed(integer, frac, rules)
+    return fmt, why + note
+
+
+def float_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, Any],
+                        rules: Rules) -> tuple[FloatFormat, str]:
+    """Float (``e<E>m<M>fn``) for one tensor: exponent bits from the dynamic range (the top
+    the range must hold against the fixed-point rule's step ``2^-F``, the smallest value
+    that must not underflow), mantissa bits from the resolution rule."""
+    top, _ = range_top(summary, rules.range_from, tensor)
+    need_top = math.ldexp(1.0, range_bits(top, rules.headroom_bits) - 1) if top > 0 else 1.0
+    frac = noise_fraction_bits(summary["rms"], rules.resolution_bits)
+    bottom_why = f"step of rms/2^{rules.resolution_bits}"
+    if tensor in ("error", "weight_grad"):
+        under = underflow_fraction_bits(summary, rules.underflow)
+        if under > frac:
+            frac, bottom_why = under, f"<= {rules.underflow:.0%} of non-zero values underflow"
+    bottom = 2.0 ** -frac
+    man = rules.resolution_bits
+    man_why = f"relative step 2^-{man}: step at the rms <= rms/2^{rules.resolution_bits}"
+    if tensor == "weight" and not rules.kahan and update["p50"] > 0 and summary["rms"] > 0:
+        plain = math.ceil(math.floor(math.log2(summary["rms"])) - 1 - math.log2(update["p50"]))
+        if plain > man:
+            man = min(23, plain)
+            man_why = f"without Kahan, median |lr*g| {update['p50']:.2g} must reach half an ulp at the rms"
+    fmt = next((f for f in (_float(e, man) for e in range(1, 9))
+                if f.max_value >= need_top * (1 - 2.0 ** -(man + 1)) and f.step <= bottom), _float(8, man))
+    binades = math.log2(need_top / bottom)
+    _, why = _range_reason(summary, rules, tensor, fmt.max_value, f"top {need_top:.3g}")
+    why += (f"; down to {bottom:.3g} ({bottom_why}): {binades:.0f} binades, {fmt.exp} exponent bits (max "
+            f"{fmt.max_value:.3g}, smallest subnormal {fmt.step:.3g}); {man} mantissa bits ({man_why})")
+    if tensor == "weight" and rules.kahan:
+        why += f"; updates below half an ulp are carried by Kahan in {compensation_format(fmt)}"
+    fmt2, note = finish(fmt, rules)
+    return fmt2, why + note  # type: ignore[return-value]
 
 
 def recommend_layer(name: str, layer: dict[str, Any], lr: float, rules: Rules, fixed: dict[str, Format]) -> tuple[
         dict[str, Format], dict[str, str]]:
     formats: dict[str, Format] = {}
     reasons: dict[str, str] = {}
+    rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
     for tensor in TENSORS:
         if tensor in fixed:
             formats[tensor] = fixed[tensor]
             reasons[tensor] = "fixed by the recipe's precision section"
             continue
-        summary = layer[tensor]
-        integer = range_bits(summary["absmax"], rules.headroom_bits)
-        frac = noise_fraction_bits(summary["rms"], rules.resolution_bits)
-        why = f"range |x|<={summary['absmax']:.3g} (+{rules.headroom_bits} bit): {integer} int bits; " \
-              f"step <= rms {summary['rms']:.3g}/2^{rules.resolution_bits}: F>={frac}"
-        if tensor in ("error", "weight_grad"):
-            under = underflow_fraction_bits(summary, rules.underflow)
-            if under > frac:
-                frac = under
-                why += f"; <= {rules.underflow:.0%} of non-zero values underflow: F>={under}"
-        if tensor == "weight":
-            update = layer["update"]
-            plain = plain_sgd_fraction_bits(update["p50"])
-            if rules.kahan:
-                fmt, note = _fixed(integer, frac, rules, tensor)
-                lost = underflow_share(update, fmt.frac)
-                why += (f"; median |lr*g| {update['p50']:.2g} vs LSB/2 {fmt.step / 2:.2g}: "
-                        + (f"~{lost:.0%} of updates below it, Kahan keeps them in {compensation_format(fmt)}"
-                           if lost > 0 else "updates exceed LSB/2, Kahan kept on")
-                        + f" (plain SGD would need F>={plain}, {integer + plain} bits)")
-            elif plain > frac:
-                frac = plain
-                why += f"; without Kahan, median |lr*g| {update['p50']:.2g} must reach LSB/2: F>={plain}"
-        fmt, note = _fixed(integer, frac, rules, tensor)
-        formats[tensor] = fmt
-        reasons[tensor] = why + note
+        formats[tensor], reasons[tensor] = rule(tensor, layer[tensor], layer["update"], rules)
     return formats, reasons
 
 
@@ -286,7 +466,7 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
     rules = rules or Rules()
     precision = precision or Precision()
     if precision.kahan is not None:
-        rules = Rules(**{**rules.__dict__, "kahan": precision.kahan})
+        rules = replace(rules, kahan=precision.kahan)
     for name in precision.layers:
         if name not in stats["layers"]:
             raise InputError(source, f"precision.layers.{name}",
@@ -299,8 +479,11 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
         fixed = {**precision.defaults, **precision.layers.get(name, {})}
         layers[name], reasons[name] = recommend_layer(name, layer, lr, rules, fixed)
 
-    softmax_input, why_input = softmax_input_format(classes, rules)
-    softmax_error, why_error = softmax_error_format(classes, rules)
+    softmax_input, why_input, softmax_error, why_error = softmax_formats(classes, rules, rules.family)
+    softmax_input, note = finish(softmax_input, rules)
+    why_input += note
+    softmax_error, note = finish(softmax_error, rules)
+    why_error += note
     if precision.softmax_input is not None:
         softmax_input, why_input = precision.softmax_input, "fixed by the recipe's precision section"
     if precision.softmax_error is not None:
@@ -315,7 +498,7 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
                             "tensor" if rules.kahan else "Kahan summation off (recipe): weights sized for plain SGD")
     plan = Plan(layers=layers, softmax_input=softmax_input, softmax_error=softmax_error, kahan=rules.kahan,
                 classes=classes, output_layer=output_layer, reasons=reasons)
-    return Plan(**{**plan.__dict__, "summary": summarize(plan, stats)})
+    return replace(plan, summary=summarize(plan, stats))
 
 
 def summarize(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:

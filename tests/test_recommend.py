@@ -10,21 +10,26 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lpcli.formats import FixedPoint, quantize
+from lpcli.formats import FixedPoint, FloatFormat, parse_format, quantize
 from lpcli.recipe import load_recipe
 from lpcli.recommend import (
     Rules,
+    fixed_tensor_format,
     logit_gap,
     noise_fraction_bits,
     plain_sgd_fraction_bits,
     range_bits,
     recommend,
+    saturation_share,
     softmax_error_format,
+    softmax_formats,
     softmax_input_format,
     underflow_fraction_bits,
     underflow_share,
 )
 from lpcli.stats import TensorSummary, analyze
+
+from conftest import run_cli
 
 
 @given(st.floats(min_value=1e-6, max_value=1e6, allow_nan=False), st.integers(0, 3))
@@ -130,3 +135,119 @@ def test_summary_weights_bits_by_element_counts(mlp_stats):
     expected = sum(plan.layers[n]["weight"].width * params[n] for n in params) / sum(params.values())
     assert plan.summary["average_bits"]["weights"] == pytest.approx(expected)
     assert np.isclose(plan.summary["weight_bytes_16bit"], 2 * sum(params.values()))
+
+
+# --- range from a percentile, the float family, widths, margin ---------------------------------
+
+
+def _summary(x: torch.Tensor):
+    summary = TensorSummary(torch.Generator().manual_seed(0))
+    summary.add(x)
+    return summary.result()
+
+
+def test_percentile_range_predicts_the_saturation_it_causes():
+    torch.manual_seed(1)
+    x = torch.randn(400_000) * torch.exp(torch.randn(400_000))  # heavy tails: the maximum is an outlier
+    x[::7] = 0  # zeros count in the saturated share's denominator, as the simulator counts them
+    stats = _summary(x)
+    by_max, why_max = fixed_tensor_format("activation", stats, {}, Rules(range_from="absmax"))
+    for headroom in (0, 1):
+        fmt, why = fixed_tensor_format("activation", stats, {}, Rules(range_from="p999", headroom_bits=headroom))
+        assert fmt.integer_bits < by_max.integer_bits  # the outliers no longer set the range
+        assert fmt.integer_bits == range_bits(stats["p999"], headroom)
+        actual = float((quantize(x, FixedPoint(24, 24 - fmt.integer_bits)) != x).logical_and(
+            x.abs() > fmt.max_value).float().mean())
+        direct = float((x.abs() >= 2.0 ** (fmt.integer_bits - 1)).float().mean())
+        predicted = saturation_share(stats, 2.0 ** (fmt.integer_bits - 1))
+        assert predicted == pytest.approx(direct, abs=1e-9)  # a power-of-two limit is a binade edge: exact
+        assert predicted == pytest.approx(actual, abs=2e-4)
+        assert 0 < predicted < 0.001 * 2 ** -headroom * 4
+        assert f"~{predicted:.3%} saturated" in why and "p99.9" in why
+    assert fmt.max_value < stats["absmax"] <= by_max.max_value
+    assert "p99.9" not in why_max and float((x.abs() > by_max.max_value).sum()) == 0
+    # weights keep the maximum whatever the option: a clipped weight loses its update every step
+    weight, _ = fixed_tensor_format("weight", {**stats, "rms": 1.0}, {"p50": 1e-3}, Rules(range_from="p999"))
+    assert weight.integer_bits == by_max.integer_bits
+
+
+def test_float_family_formats_parse_and_hold_the_range(mlp_stats):
+    _, stats = mlp_stats
+    rules = Rules(family="float")
+    plan = recommend(stats, rules)
+    fixed = recommend(stats, Rules())
+    for name, fmts in plan.layers.items():
+        layer = stats["layers"][name]
+        for tensor, fmt in fmts.items():
+            assert isinstance(fmt, FloatFormat) and parse_format(str(fmt)) == fmt
+            if name == plan.output_layer and tensor in ("activation", "error"):
+                continue  # the softmax formats (tests/test_softmax_bound.py)
+            absmax = torch.tensor([layer[tensor]["absmax"], -layer[tensor]["absmax"]])
+            assert quantize(absmax, fmt).abs().min() >= absmax[0] * (1 - 2.0 ** -fmt.man)  # not saturated
+            assert fmt.man == rules.resolution_bits
+            # nothing the fixed-point rule keeps underflows: smallest subnormal <= the fixed-point step
+            assert fmt.step <= fixed.layers[name][tensor].step
+            if tensor in ("error", "weight_grad"):  # half the subnormal step is a binade edge: exact share
+                assert underflow_share(layer[tensor], fmt.man - fmt.emin) <= rules.underflow
+            one_less = FloatFormat(fmt.exp - 1, fmt.man, finite=True) if fmt.exp > 1 else None
+            assert one_less is None or one_less.max_value < absmax[0] * 2 or one_less.step > fixed.layers[name][
+                tensor].step
+            assert "exponent bits" in plan.reasons[name][tensor] and "mantissa bits" in plan.reasons[name][tensor]
+    assert plan.softmax_input == softmax_formats(stats["classes"], rules, "float")[0]
+    assert plan.softmax_error == softmax_formats(stats["classes"], rules, "float")[2]
+    assert plan.summary["overall_bits"] > 0
+
+
+@pytest.mark.parametrize("family", ["fixed", "float"])
+def test_widths_round_up_keeping_the_range(mlp_stats, family):
+    _, stats = mlp_stats
+    free = recommend(stats, Rules(family=family))
+    plan = recommend(stats, Rules(family=family, widths=(4, 8, 16)))
+    for name, fmts in plan.layers.items():
+        for tensor, fmt in fmts.items():
+            base = free.layers[name][tensor]
+            assert fmt.width == min(w for w in (4, 8, 16) if w >= base.width)
+            if family == "fixed":
+                assert fmt.integer_bits == base.integer_bits and fmt.frac == base.frac + fmt.width - base.width
+            else:
+                assert fmt.exp == base.exp and fmt.man == base.man + fmt.width - base.width
+            if fmt.width > base.width and not (name == plan.output_layer and tensor in ("activation", "error")):
+                assert f"rounded up from {base.width} to {fmt.width} bits" in plan.reasons[name][tensor]
+    # a width above the largest allowed is capped at it, with a note
+    capped = recommend(stats, Rules(family=family, widths=(4, 8)))
+    wide = [(n, t) for n, f in free.layers.items() for t, x in f.items() if x.width > 8
+            and not (n == free.output_layer and t in ("activation", "error"))]
+    assert wide
+    for name, tensor in wide:
+        assert capped.layers[name][tensor].width == 8
+        assert "capped" in capped.reasons[name][tensor]
+    assert all(f.width in (4, 8) for fmts in capped.layers.values() for f in fmts.values())
+    with pytest.raises(ValueError, match="widths"):
+        Rules(widths=(1, 8))
+
+
+@pytest.mark.parametrize("family", ["fixed", "float"])
+def test_margin_adds_resolution_bits_everywhere(mlp_stats, family):
+    _, stats = mlp_stats
+    base = recommend(stats, Rules(family=family))
+    plan = recommend(stats, Rules(family=family, margin=2))
+    for name, fmts in plan.layers.items():
+        for tensor, fmt in fmts.items():
+            old = base.layers[name][tensor]
+            if family == "fixed":
+                assert (fmt.integer_bits, fmt.frac) == (old.integer_bits, old.frac + 2)
+            else:
+                assert (fmt.exp, fmt.man) == (old.exp, old.man + 2)
+    assert plan.summary["overall_bits"] == pytest.approx(base.summary["overall_bits"] + 2)
+    assert "+2 bit margin" in plan.reasons["0"]["weight"]
+
+
+def test_recommend_float_from_stats_file_alone_equals_from_recipe(tmp_path):
+    stats = tmp_path / "stats.yaml"
+    assert run_cli("analyze", "digits-mlp", "-o", stats).exit_code == 0
+    args = ("--family", "float", "--range", "p999", "--widths", "8,12", "--json")
+    from_file = run_cli("recommend", "--stats", stats, *args).json()
+    from_recipe = run_cli("recommend", "digits-mlp", *args).json()
+    assert from_file["layers"] == from_recipe["layers"]
+    assert from_file["summary"] == from_recipe["summary"]
+    assert from_file["softmax_error"] == from_recipe["softmax_error"] == "e3m4fn"  # e3m2fn (6 bits) rounded up to 8

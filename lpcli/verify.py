@@ -1,0 +1,202 @@
+"""``recommend --verify``: train-check the recommended plan and, while the Kahan run is
+outside the tolerance, widen what the diagnostics blame and try again (a bounded loop).
+
+Each round reads the Kahan run's diagnostics (:func:`lpcli.check.train_check`) and picks
+the formats to widen, each with its reason:
+
+* a layer whose **lost update mass** exceeds ``LOST_MASS`` (the updates never reached the
+  weights, even through the compensation): its weight format gains ``step`` fraction
+  (mantissa) bits;
+* **underflow** of errors or weight gradients above ``UNDERFLOW`` (activations:
+  ``ACTIVATION_UNDERFLOW``) of the non-zero values: that format gains ``step`` fraction
+  bits;
+* **saturation** above ``SATURATION`` of the elements: that format gains one integer
+  (exponent) bit, its resolution kept;
+* the **softmax**: logits saturated above ``LOGITS_SATURATED`` widen the input's range
+  by one bit; non-target errors flushed above ``FLUSHED`` give the error one fraction bit;
+* a **diverged** run: the layer and tensor where the first non-finite value appeared gains
+  one range bit and ``step`` resolution bits;
+* nothing above its threshold: every weight and error format gains one resolution bit
+  (the diagnostics do not say where the accuracy went, so the cheapest broad step).
+
+The thresholds are deliberately above what passing runs show: the README's worked
+example passes with 6% lost mass, 3% error underflow and 17% saturated logits (classes
+far below the top one); the bundled recipes' recommended plans pass with up to 41% of
+logits saturated and 87% of non-target errors flushed, so the softmax alarms are weak.
+
+The loop stops at the first passing plan, after ``rounds`` widenings, or when nothing
+can be widened within the bit limit, and says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .check import train_check
+from .data import Dataset, load_data
+from .formats import FixedPoint, FloatFormat, Format
+from .plan import Plan
+from .recipe import Recipe
+from .recommend import add_resolution, summarize
+
+LOST_MASS = 0.3
+UNDERFLOW = 0.05
+ACTIVATION_UNDERFLOW = 0.2
+SATURATION = 0.005
+LOGITS_SATURATED = 0.75
+FLUSHED = 0.95
+
+
+@dataclass(frozen=True)
+class Widening:
+    layer: str  # a layer name, or "softmax"
+    tensor: str  # weight, activation, error, weight_grad (softmax: input, error)
+    kind: str  # "resolution" or "range"
+    bits: int
+    why: str
+
+
+def add_range(fmt: Format, bits: int) -> Format:
+    """``bits`` more integer (fixed) or exponent (float) bits; the resolution stays."""
+    if isinstance(fmt, FixedPoint):
+        return FixedPoint(min(24, fmt.width + bits), fmt.frac - max(0, fmt.width + bits - 24))
+    if isinstance(fmt, FloatFormat):
+        exp = min(8, fmt.exp + bits)
+        return FloatFormat(exp, fmt.man, finite=exp < 8)
+    return fmt
+
+
+def blame(report: dict[str, Any], plan: Plan, step: int = 2) -> list[Widening]:
+    """What to widen after a failed check, from the Kahan run's diagnostics."""
+    out: list[Widening] = []
+    kahan = report["runs"]["kahan"]
+    if kahan.get("diverged"):
+        where = kahan["diverged_in"]
+        layer, tensor = where["layer"], where["tensor"]
+        if layer in plan.layers and tensor in plan.layers[layer]:
+            why = f"the Kahan run diverged at step {kahan['diverged_at']}, first non-finite in {layer} {tensor}"
+            out += [Widening(layer, tensor, "range", 1, why), Widening(layer, tensor, "resolution", step, why)]
+    for layer, d in report["diagnostics"].items():
+        def value(key: str, d: dict[str, Any] = d) -> float:
+            return d.get(key, {}).get("kahan") or 0.0
+        if value("lost_mass") > LOST_MASS:
+            out.append(Widening(layer, "weight", "resolution", step,
+                                f"lost update mass {value('lost_mass'):.0%} > {LOST_MASS:.0%}"))
+        for tensor in ("activation", "error", "weight_grad"):
+            if layer == plan.output_layer and tensor in ("activation", "error"):
+                continue  # the softmax formats, judged below
+            limit = ACTIVATION_UNDERFLOW if tensor == "activation" else UNDERFLOW
+            under, sat = value(f"{tensor}_underflow"), value(f"{tensor}_saturated")
+            if under > limit:
+                out.append(Widening(layer, tensor, "resolution", step,
+                                    f"{under:.1%} of non-zero values underflow (> {limit:.0%})"))
+            if sat > SATURATION:
+                out.append(Widening(layer, tensor, "range", 1, f"{sat:.2%} saturated (> {SATURATION:.1%})"))
+    soft = report.get("softmax", {}).get("kahan", {})
+    if (soft.get("logits_saturated") or 0.0) > LOGITS_SATURATED:
+        out.append(Widening("softmax", "input", "range", 1,
+                            f"{soft['logits_saturated']:.0%} of logits saturated (> {LOGITS_SATURATED:.0%})"))
+    if (soft.get("non_target_errors_flushed") or 0.0) > FLUSHED:
+        out.append(Widening("softmax", "error", "resolution", 1,
+                            f"{soft['non_target_errors_flushed']:.0%} of non-target errors p-y flushed "
+                            f"(> {FLUSHED:.0%})"))
+    if not out:
+        why = "no diagnostic above its threshold: one more resolution bit for every weight and error"
+        for layer in plan.layers:
+            out.append(Widening(layer, "weight", "resolution", 1, why))
+            if layer != plan.output_layer:
+                out.append(Widening(layer, "error", "resolution", 1, why))
+    return out
+
+
+def widen(plan: Plan, widenings: list[Widening], max_bits: int = 24) -> tuple[Plan, list[dict[str, Any]]]:
+    """Apply ``widenings`` (capped at ``max_bits``); returns the new plan and what changed."""
+    layers = {name: dict(fmts) for name, fmts in plan.layers.items()}
+    softmax = {"input": plan.softmax_input, "error": plan.softmax_error}
+    changes: list[dict[str, Any]] = []
+    done: set[tuple[str, str, str]] = set()
+    for w in widenings:
+        if (w.layer, w.tensor, w.kind) in done:
+            continue
+        done.add((w.layer, w.tensor, w.kind))
+        old = softmax[w.tensor] if w.layer == "softmax" else layers[w.layer][w.tensor]
+        new = add_range(old, w.bits) if w.kind == "range" else add_resolution(old, w.bits)
+        if new.width > max_bits or new == old:
+            changes.append({"layer": w.layer, "tensor": w.tensor, "from": str(old), "to": str(old),
+                            "why": w.why + f"; not widened (at the {max_bits}-bit limit)"})
+            continue
+        if w.layer == "softmax":
+            softmax[w.tensor] = new
+        else:
+            layers[w.layer][w.tensor] = new
+        changes.append({"layer": w.layer, "tensor": w.tensor, "from": str(old), "to": str(new), "why": w.why})
+    if plan.output_layer in layers:
+        layers[plan.output_layer].update(activation=softmax["input"], error=softmax["error"])
+    return replace(plan, layers=layers, softmax_input=softmax["input"], softmax_error=softmax["error"]), changes
+
+
+def verify(recipe: Recipe, plan: Plan, stats: dict[str, Any], *, tolerance: float = 1.0, rounds: int = 4,
+           max_bits: int = 24, seed: int | None = None, steps: int | None = None, step: int = 2,
+           progress: Callable[[str, int, int], None] | None = None,
+           data: Dataset | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Check ``plan`` and widen it until the Kahan run is within ``tolerance`` points of fp32,
+    at most ``rounds`` times. Returns the last plan (with its reasons extended by what was
+    widened, and its summary recomputed) and the ``verify`` section: every round's accuracy
+    gap, what was widened and why, and the final verdict."""
+    data = load_data(recipe.data, recipe.source) if data is None else data
+    history: list[dict[str, Any]] = []
+    for number in range(rounds + 1):
+        report = train_check(recipe, plan, tolerance=tolerance, seed=seed, steps=steps, progress=progress,
+                             data=data)
+        summary = summarize(plan, stats)
+        entry: dict[str, Any] = {
+            "round": number,
+            "passed": report["verdict"]["passed"],
+            "fp32_accuracy": report["runs"]["fp32"]["test_accuracy"],
+            "kahan_accuracy": report["runs"]["kahan"]["test_accuracy"],
+            "gap_points": None if report["runs"]["kahan"]["gap_to_fp32"] is None
+            else report["runs"]["kahan"]["gap_to_fp32"] * 100,
+            "overall_bits": summary["overall_bits"],
+            "vs_16bit": summary["vs_16bit"],
+            "verdict": report["verdict"]["reason"],
+            "seconds": report["timing"]["seconds"]["total"],
+            "widened": [],
+        }
+        history.append(entry)
+        if report["verdict"]["passed"] or number == rounds:
+            break
+        new_plan, changes = widen(plan, blame(report, plan, step), max_bits)
+        entry["widened"] = changes
+        if new_plan == plan:
+            entry["stopped"] = "nothing left to widen within the bit limit"
+            break
+        plan = _note(new_plan, changes, number + 1)
+    plan = replace(plan, summary=summarize(plan, stats))
+    final = history[-1]
+    section = {
+        "tolerance_points": tolerance,
+        "rounds": history,
+        "passed": final["passed"],
+        "widenings": len(history) - 1,
+        "final": {key: final[key] for key in ("passed", "fp32_accuracy", "kahan_accuracy", "gap_points",
+                                               "overall_bits", "vs_16bit", "verdict")},
+    }
+    return plan, section
+
+
+def _note(plan: Plan, changes: list[dict[str, Any]], number: int) -> Plan:
+    """Append each widening to the reason of the format it changed."""
+    reasons = {k: (dict(v) if isinstance(v, dict) else v) for k, v in plan.reasons.items()}
+    for c in changes:
+        if c["from"] == c["to"]:
+            continue
+        text = f"; verify round {number}: {c['from']} -> {c['to']} ({c['why']})"
+        if c["layer"] == "softmax":
+            key = f"softmax_{c['tensor']}"
+            reasons[key] = str(reasons.get(key, "")) + text
+        else:
+            reasons.setdefault(c["layer"], {})
+            reasons[c["layer"]][c["tensor"]] = str(reasons[c["layer"]].get(c["tensor"], "")) + text
+    return replace(plan, reasons=reasons)

@@ -1,0 +1,126 @@
+"""``recommend --verify``: the widening loop on a small recipe, the CLI's shape and exits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lpcli.files import read_document
+from lpcli.formats import FixedPoint
+from lpcli.plan import plan_from_document
+from lpcli.recipe import load_recipe
+from lpcli.recommend import recommend, summarize
+from lpcli.stats import analyze
+from lpcli.verify import Widening, add_range, blame, verify, widen
+
+from conftest import run_cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_verify_widens_the_blamed_weights_of_a_failing_plan(small_recipe):
+    recipe = load_recipe(small_recipe(training={"lr": 0.05, "batch_size": 32, "steps": 120, "seed": 0,
+                                                "analyze_steps": 10}))
+    stats = analyze(recipe)
+    start = recommend(stats).with_fraction_bits("weight", 3)  # 3-bit weights: far outside the tolerance
+    plan, section = verify(recipe, start, stats, rounds=3)
+    first = section["rounds"][0]
+    assert not first["passed"] and first["widened"]
+    assert any(c["tensor"] == "weight" and c["from"] != c["to"] for c in first["widened"])
+    for c in first["widened"]:
+        assert c["why"]
+    for name in plan.layers:
+        assert plan.layers[name]["weight"].width >= start.layers[name]["weight"].width
+        assert plan.layers[name]["weight"].integer_bits == start.layers[name]["weight"].integer_bits
+    assert any(plan.layers[n]["weight"].width > start.layers[n]["weight"].width for n in plan.layers)
+    assert "verify round 1" in plan.reasons["0"]["weight"]
+    assert plan.summary == summarize(plan, stats)
+    # honest end: either the last round passed, or every round was spent (or nothing was left to widen)
+    last = section["rounds"][-1]
+    assert section["passed"] == last["passed"] == section["final"]["passed"]
+    assert last["passed"] or len(section["rounds"]) == 4 or last.get("stopped")
+    assert section["widenings"] == len(section["rounds"]) - 1
+    gaps = [r["gap_points"] for r in section["rounds"]]
+    assert gaps[-1] < gaps[0]  # the widening helped
+
+
+def test_blame_reads_the_kahan_diagnostics():
+    plan = recommend(_tiny_stats())
+    report = {
+        "runs": {"kahan": {"diverged": False}},
+        "diagnostics": {"0": {"lost_mass": {"plain": 0.99, "kahan": 0.6}, "error_underflow": {"kahan": 0.2},
+                              "activation_saturated": {"kahan": 0.02}},
+                        "1": {"lost_mass": {"plain": 0.99, "kahan": 0.01}}},
+        "softmax": {"kahan": {"logits_saturated": 0.1, "non_target_errors_flushed": 0.99}},
+    }
+    found = {(w.layer, w.tensor, w.kind) for w in blame(report, plan)}
+    assert found == {("0", "weight", "resolution"), ("0", "error", "resolution"), ("0", "activation", "range"),
+                     ("softmax", "error", "resolution")}
+    new, changes = widen(plan, blame(report, plan))
+    assert new.layers["0"]["weight"].frac == plan.layers["0"]["weight"].frac + 2
+    assert new.layers["0"]["activation"].integer_bits == plan.layers["0"]["activation"].integer_bits + 1
+    assert new.layers["0"]["activation"].frac == plan.layers["0"]["activation"].frac
+    assert new.softmax_error.frac == plan.softmax_error.frac + 1 and new.layers["1"]["error"] == new.softmax_error
+    assert len(changes) == 4
+    # nothing above a threshold: one resolution bit for every weight and (non-softmax) error
+    quiet = {"runs": {"kahan": {"diverged": False}}, "diagnostics": {}, "softmax": {}}
+    assert {(w.layer, w.tensor) for w in blame(quiet, plan)} == {("0", "weight"), ("0", "error"), ("1", "weight")}
+    # the bit limit is kept
+    capped, changes = widen(plan, [Widening("0", "weight", "resolution", 30, "test")], max_bits=12)
+    assert capped == plan and "not widened" in changes[0]["why"]
+    assert add_range(FixedPoint(8, 4), 1) == FixedPoint(9, 4)
+
+
+def _tiny_stats():
+    def summary(scale: float) -> dict:
+        return {"absmax": 4 * scale, "rms": scale, "p50": scale / 2, "p90": scale, "p99": 2 * scale,
+                "p999": 3 * scale, "zero_share": 0.0, "log2_hist": {"lowest": -20, "counts": [1] * 20}}
+    layer = {"module": "Linear", "parameters": 100, "activation_elements": 10,
+             **{k: summary(s) for k, s in (("weight", 0.1), ("activation", 1.0), ("error", 1e-3),
+                                           ("weight_grad", 1e-2), ("update", 1e-4))}}
+    return {"classes": 10, "output_layer": "1", "training": {"lr": 0.05}, "layers": {"0": layer, "1": layer}}
+
+
+def test_cli_verify_json_shape_and_output(small_recipe, tmp_path):
+    recipe = small_recipe()
+    out = tmp_path / "plan.yaml"
+    result = run_cli("recommend", recipe, "--verify", "--max-bits", "4", "--rounds", "2", "--json", "-o", out)
+    doc = result.json()
+    assert {"layers", "softmax_input", "softmax_error", "summary", "reasons", "verify"} <= set(doc)
+    section = doc["verify"]
+    assert set(section) >= {"rounds", "final", "passed", "widenings", "tolerance_points"}
+    for entry in section["rounds"]:
+        assert set(entry) >= {"round", "passed", "fp32_accuracy", "kahan_accuracy", "gap_points", "overall_bits",
+                              "vs_16bit", "widened"}
+    assert result.exit_code == (0 if section["passed"] else 1)
+    assert all(int(f.split(".")[0][2:]) <= 4 for fmts in doc["layers"].values() for f in fmts.values())
+    if not section["passed"]:  # 4 bits everywhere: nothing may be widened beyond the limit, and it says so
+        assert section["rounds"][-1].get("stopped") or len(section["rounds"]) == 3
+    written = read_document(out)
+    assert written["verify"] == json.loads(json.dumps(section))
+    assert plan_from_document(written, str(out)).document()["layers"] == doc["layers"]
+    assert doc["summary"]["overall_bits"] <= 4 and 0 < doc["summary"]["vs_16bit"] <= 0.25
+
+
+def test_cli_verify_text_reports_each_round(small_recipe):
+    result = run_cli("recommend", small_recipe(), "--verify", "--rounds", "1")
+    assert "verify round 0:" in result.stdout
+    assert ("PASSED" in result.stdout) == (result.exit_code == 0)
+    assert "of uniform 16-bit" in result.stdout
+
+
+def test_verify_needs_a_recipe(tmp_path):
+    stats = tmp_path / "stats.yaml"
+    stats.write_text("not read")
+    result = run_cli("recommend", "--stats", stats, "--verify")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "--verify" in result.stderr and "recipe" in result.stderr
+    assert result.stdout == ""
