@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .data import Dataset, batch_indices, load_data
+from .distributed import World, all_sum
 from .errors import InputError, Interrupted
 from .models import build_model, quantizable_layers
 from .optim import KahanSGD
@@ -39,7 +41,7 @@ def check_plan_matches(plan: Plan, model: nn.Module, source: str) -> None:
 def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = None, *, tolerance: float = 1.0,
                 seed: int | None = None, steps: int | None = None, plan_source: str = "plan",
                 progress: Progress | None = None, data: Dataset | None = None,
-                stochastic: bool = False) -> dict[str, Any]:
+                stochastic: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Run the three trainings (four with ``stochastic``) and return the report (see the README).
 
     ``recipe`` is a loaded :class:`Recipe`, a path or a bundled recipe's name; without
@@ -47,24 +49,43 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
     ``"stochastic"``: plain low-precision SGD whose weight update rounds stochastically
     (seeded from ``seed``), the usual alternative to Kahan. Ctrl-C raises
     :class:`lpcli.errors.Interrupted`, which says what had finished.
+
+    ``device``: ``"cpu"`` (default), ``"cuda"`` (``"cuda:N"``) or ``"auto"`` (CUDA when
+    available); model, data, optimizer state and counters all live there. Started by
+    ``torchrun`` (``WORLD_SIZE`` > 1), the runs are data parallel: each rank takes its slice
+    of the same global batches and the gradients are summed before they are quantized
+    (see :mod:`lpcli.distributed`); every rank returns the same report, and only
+    :func:`lpcli.distributed.is_main_process` should print it.
     """
+    world, device = distributed.setup(device)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if plan is None:
         from .recommend import recommend
         from .stats import analyze
 
-        plan = recommend(analyze(recipe, seed=seed), precision=recipe.precision, source=recipe.source)
+        plan = recommend(analyze(recipe, seed=seed, device=device), precision=recipe.precision,
+                         source=recipe.source)
+    plan = distributed.broadcast_object(plan, world)
     training = recipe.training
     seed = training.seed if seed is None else seed
     steps = training.steps if steps is None else steps
-    data = load_data(recipe.data, recipe.source) if data is None else data
+    data = (load_data(recipe.data, recipe.source) if data is None else data).to(device)
     torch.manual_seed(seed)
-    model = build_model(recipe.model, recipe.source, recipe.base_dir)
+    model = build_model(recipe.model, recipe.source, recipe.base_dir).to(device)
     check_model_output(model, data, recipe.source)
     check_plan_matches(plan, model, plan_source)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = batch_indices(len(data.y_train), training.batch_size, steps, seed)
+    global_batch = len(batches[0])
+    if world.distributed:
+        if global_batch < world.size:
+            raise InputError(recipe.source, "training.batch_size", f"a batch of {global_batch} cannot be shared "
+                             f"by {world.size} processes")
+        batches = [distributed.shard(index, world) for index in batches]
+    batch_share = len(batches[0]) / global_batch  # of the global batch's loss that this rank computes
+    if device.type != "cpu":
+        batches = list(torch.stack(batches).to(device).unbind(0))  # generated on the CPU: one copy
 
     started = time.perf_counter()
     runs: dict[str, dict[str, Any]] = {}
@@ -75,7 +96,9 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         t0 = time.perf_counter()
         model.load_state_dict(initial)
         try:
-            result = _train(run, model, plan, recipe, data, batches, seed, progress)
+            with distributed.ieee_fp32(device):
+                result = _train(run, model, plan, recipe, data, batches, seed, progress if world.rank == 0 else None,
+                                world, batch_share)
         except Interrupted as stop:
             stop.finished = {name: summary["test_accuracy"] for name, summary in runs.items()}
             raise
@@ -118,6 +141,7 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         "data": {"name": data.name, "classes": data.classes, "train": len(data.y_train), "test": len(data.y_test)},
         "training": {"lr": training.lr, "momentum": training.momentum, "weight_decay": training.weight_decay,
                      "batch_size": training.batch_size, "steps": steps, "seed": seed},
+        "device": distributed.describe_device(device, world),
         "plan": plan.document(),
         "runs": runs,
         "diagnostics": diagnostics,
@@ -133,9 +157,11 @@ def _divergence(summary: dict[str, Any]) -> str:
 
 
 def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset, batches: list[torch.Tensor],
-           seed: int, progress: Progress | None) -> dict[str, Any]:
+           seed: int, progress: Progress | None, world: World = World(), batch_share: float = 1.0) -> dict[str, Any]:
     training = recipe.training
+    device = data.x_train.device
     torch.manual_seed(seed)  # dropout masks: the same draws in every run
+    gradient_sum = distributed.GradientSum(model, world)  # first: the quantizer's hook must see the summed gradient
     simulator = None
     if run == "fp32":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -152,27 +178,34 @@ def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset
     diverged_at = diverged_in = None
     model.train()
     window = max(1, min(50, len(batches) // 10))
-    recent = torch.zeros(())
+    recent = torch.zeros((), device=device)
     step = 0
     try:
         for step, index in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(data.x_train[index]), data.y_train[index])
+            if world.distributed:
+                loss = loss * batch_share  # errors per sample as in one process; the rank losses add up to it
             loss.backward()
             optimizer.step()
-            where = watch.end_step(loss)
+            where = distributed.first_problem(watch.end_step(loss), world, device)
             if where is not None:
                 diverged_at, diverged_in = step + 1, {"layer": where[0], "tensor": where[1]}
                 break
             recent = recent + loss.detach() if step >= len(batches) - window else recent
             if (step + 1) % 25 == 0 or step + 1 == len(batches):
-                losses.append(float(loss.detach()))
+                losses.append(float(all_sum(loss.detach().clone(), world)))
                 if progress:
                     progress(run, step + 1, len(batches))
     except KeyboardInterrupt:
         raise Interrupted(run, step + 1, len(batches)) from None
     finally:
         watch.remove()
+        gradient_sum.remove()
+    if world.distributed:
+        all_sum(recent, world)
+        if simulator is not None:
+            _sum_counts(simulator, world, device)
     if simulator is not None:
         simulator.recording = False
     accuracy, test_loss = _evaluate(model, data, loss_fn) if diverged_at is None else (None, None)
@@ -193,6 +226,21 @@ def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset
         result["initial_saturated"] = optimizer.initial_saturated
         simulator.remove()
     return result
+
+
+def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> None:
+    """Totals over the ranks of what each rank counted on its slice of the batch. Weight
+    gradients are left alone: every rank quantized the same summed gradient."""
+    counters = [c for point in simulator.points.values() for c in (point.activation_counts, point.error_counts)]
+    counters += [simulator.softmax_input_counts, simulator.softmax_error_counts]
+    for counter in counters:
+        if counter.totals is None:
+            counter.totals = torch.zeros(4, dtype=torch.float64, device=device)
+    flushed = simulator.flushed_non_target.to(device)
+    joined = all_sum(torch.cat([c.totals for c in counters] + [flushed]), world)
+    for counter, totals in zip(counters, joined[:-2].split(4), strict=True):
+        counter.totals = totals.clone()
+    simulator.flushed_non_target = joined[-2:].clone()
 
 
 def _param_groups(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:

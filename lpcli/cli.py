@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from . import __version__
+from .distributed import is_main_process
 from .errors import InputError, Interrupted
 from .files import dumps, read_document, write_document
 from .formats import ALIASES, FormatError, parse_format
@@ -61,6 +62,8 @@ RecipeArg = Annotated[str | None, typer.Argument(
     help="Recipe YAML file, or the name of a bundled recipe "
          f"({', '.join(bundled_recipes())}). Default: digits-mlp.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where to run: cpu, cuda (cuda:N) or auto (cuda when "
+                                        "available, else cpu).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed (default: the recipe's).",
                                                 show_default=False)]
 
@@ -126,9 +129,9 @@ def emit(doc: dict[str, Any], as_json: bool, output: Path | None, render: Callab
         stdout.print(f"wrote {what} to {output}")
 
 
-def _stats_for(recipe: Recipe, seed: int | None, show_progress: bool) -> dict[str, Any]:
+def _stats_for(recipe: Recipe, seed: int | None, show_progress: bool, device: str = "cpu") -> dict[str, Any]:
     with progress_bar(show_progress) as progress:
-        return analyze(recipe, seed=seed, progress=progress)
+        return analyze(recipe, seed=seed, progress=progress, device=device)
 
 
 @app.command("analyze")
@@ -139,14 +142,16 @@ def analyze_command(
     steps: Annotated[int | None, typer.Option(min=1, help="fp32 steps to observe (default: the recipe's "
                                                  "training.analyze_steps, 50).", show_default=False)] = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Train a few fp32 steps with hooks and write per-layer statistics (the input of recommend)."""
     check_output(output)
     loaded = load_recipe(recipe)
-    with progress_bar(not as_json) as progress:
-        doc = analyze(loaded, steps=steps, seed=seed, progress=progress)
-    emit(doc, as_json, output, lambda: render_stats(doc, stdout), "stats")
+    with progress_bar(not as_json and is_main_process()) as progress:
+        doc = analyze(loaded, steps=steps, seed=seed, progress=progress, device=device)
+    if is_main_process():
+        emit(doc, as_json, output, lambda: render_stats(doc, stdout), "stats")
 
 
 def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", range_from: str = "p999",
@@ -167,14 +172,15 @@ def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", ran
 
 
 def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,
-          show_progress: bool, stats_out: dict[str, Any] | None = None) -> tuple[Plan, Recipe | None]:
+          show_progress: bool, stats_out: dict[str, Any] | None = None,
+          device: str = "cpu") -> tuple[Plan, Recipe | None]:
     """The recommended plan and the recipe (None for a stats file alone); ``stats_out``
     receives the stats the plan came from."""
     recipe = load_recipe(recipe_arg) if recipe_arg is not None or stats_path is None else None
     if stats_path is not None:
         stats = validate_stats(read_document(stats_path), str(stats_path))
     else:
-        stats = _stats_for(recipe, seed, show_progress)
+        stats = _stats_for(recipe, seed, show_progress, device)
     if stats_out is not None:
         stats_out.update(stats)
     precision = recipe.precision if recipe is not None else None
@@ -287,7 +293,11 @@ def train_check_command(
                                               show_default=False)] = None,
     stochastic: Annotated[bool, typer.Option("--stochastic", help="Add a fourth run: plain low-precision SGD "
                                              "with stochastic rounding of the weight update.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw PNG figures into this directory: loss "
+                                              "curves, per-layer diagnostics, plan widths (needs matplotlib: "
+                                              "pip install 'lpcli[plot]').", show_default=False)] = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Train fp32, plain low-precision SGD and Kahan low-precision SGD side by side and report the diagnostics.
@@ -297,20 +307,33 @@ def train_check_command(
     check_output(output)
     from .check import train_check
 
+    if plot is not None:
+        from .plots import check_available
+
+        check_available(plot)
+    main = is_main_process()
     loaded = load_recipe(recipe)
     if plan_path is not None:
         plan = plan_from_document(read_document(plan_path), str(plan_path))
     else:
-        plan, _ = _plan(recipe, None, Rules(), seed, not as_json)
+        plan, _ = _plan(recipe, None, Rules(), seed, not as_json and main, device=device)
         plan = Plan(**{**plan.__dict__, "reasons": {}})
     for tensor, width in (("weight", weight_bits), ("activation", activation_bits), ("error", error_bits),
                           ("weight_grad", grad_bits)):
         if width is not None:
             plan = plan.with_fraction_bits(tensor, width)
-    with progress_bar(not as_json) as progress:
+    with progress_bar(not as_json and main) as progress:
         report = train_check(loaded, plan, tolerance=tolerance, seed=seed, steps=steps,
-                             plan_source=str(plan_path or "plan"), progress=progress, stochastic=stochastic)
-    emit(report, as_json, output, lambda: render_check(report, stdout), "report")
+                             plan_source=str(plan_path or "plan"), progress=progress, stochastic=stochastic,
+                             device=device)
+    if main:
+        emit(report, as_json, output, lambda: render_check(report, stdout), "report")
+        if plot is not None:
+            from .plots import plot_check, plot_plan
+
+            figures = plot_check(report, plot) + plot_plan(report["plan"], plot)
+            if not as_json:
+                stdout.print(f"wrote {len(figures)} figures to {plot}: {', '.join(f.name for f in figures)}")
     if not report["verdict"]["passed"]:
         raise typer.Exit(1)
 

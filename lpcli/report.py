@@ -76,10 +76,20 @@ def render_plan(plan: Plan, console: Console) -> None:
             f"{summary['weight_bytes_16bit'] / 1024:.1f} KiB at 16 bits", highlight=False)
 
 
+def _where(report: dict[str, Any]) -> str:
+    device = report.get("device") or {}
+    if not device:
+        return ""
+    name = f" ({device['name']})" if device.get("name") else ""
+    processes = device.get("processes", 1)
+    return f", on {device['type']}{name}" + (f" x {processes} processes" if processes > 1 else "")
+
+
 def render_check(report: dict[str, Any], console: Console) -> None:
     t = report["training"]
     console.print(f"[bold]{report['recipe']}[/]\n{report['data']['name']} ({report['data']['classes']} classes), "
-                  f"{t['steps']} steps, lr {t['lr']:g}, batch {t['batch_size']}, seed {t['seed']}", highlight=False)
+                  f"{t['steps']} steps, lr {t['lr']:g}, batch {t['batch_size']}, seed {t['seed']}{_where(report)}",
+                  highlight=False)
     runs = Table(title="Runs", title_justify="left")
     for col, justify in (("run", "left"), ("test accuracy", "right"), ("gap to fp32", "right"),
                          ("final loss", "right"), ("test loss", "right")):

@@ -34,7 +34,7 @@ class Counter:
         # that are zeros of q: nonzero(x) - nonzero(q). Two counting passes, no masks.
         nonzero = torch.count_nonzero(x)
         counts = torch.stack([
-            torch.tensor(float(x.numel()), device=x.device, dtype=torch.float64),
+            torch.full((), float(x.numel()), device=x.device, dtype=torch.float64),  # a fill, not a host copy
             nonzero.double(),
             _saturated_count(x, fmt),
             (nonzero - torch.count_nonzero(q)).double(),

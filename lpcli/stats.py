@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset, batch_indices, load_data
+from .distributed import ieee_fp32, resolve_device
 from .errors import InputError
 from .files import check_header, header
 from .models import build_model, quantizable_layers
@@ -208,20 +209,30 @@ class StatsCollector:
 
 
 def analyze(recipe: Recipe | str | Path | None = None, steps: int | None = None, seed: int | None = None,
-            progress: Callable[[int, int], None] | None = None, data: Dataset | None = None) -> dict[str, Any]:
+            progress: Callable[[int, int], None] | None = None, data: Dataset | None = None,
+            device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train the recipe's model in fp32 for ``steps`` steps and summarize every layer.
 
     ``recipe`` is a loaded :class:`Recipe`, a path, or a bundled recipe's name (default
-    ``digits-mlp``). Returns the stats document (see the module docstring).
+    ``digits-mlp``). ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+    Returns the stats document (see the module docstring).
     """
+    device = resolve_device(device)
+    with ieee_fp32(device):
+        return _analyze(recipe, steps, seed, progress, data, device)
+
+
+def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | None,
+             progress: Callable[[int, int], None] | None, data: Dataset | None,
+             device: torch.device) -> dict[str, Any]:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     training = recipe.training
     seed = training.seed if seed is None else seed
     steps = training.analyze_steps if steps is None else steps
-    data = load_data(recipe.data, recipe.source) if data is None else data
+    data = (load_data(recipe.data, recipe.source) if data is None else data).to(device)
     torch.manual_seed(seed)
-    model = build_model(recipe.model, recipe.source, recipe.base_dir)
+    model = build_model(recipe.model, recipe.source, recipe.base_dir).to(device)
     check_model_output(model, data, recipe.source)
     layers = quantizable_layers(model)
     if not layers:
@@ -231,6 +242,7 @@ def analyze(recipe: Recipe | str | Path | None = None, steps: int | None = None,
     collector = StatsCollector(model, training.lr, training.momentum, training.weight_decay, seed=seed)
     model.train()
     for step, index in enumerate(batch_indices(len(data.y_train), training.batch_size, steps, seed)):
+        index = index.to(device)  # drawn on the CPU: the same batches on every device
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
         loss.backward()
@@ -240,7 +252,8 @@ def analyze(recipe: Recipe | str | Path | None = None, steps: int | None = None,
             progress(step + 1, steps)
     collector.remove()
     return collector.document(data.classes, collector.output_layer,
-                              {"recipe": recipe.source, "data": data.name, "seed": seed})
+                              {"recipe": recipe.source, "data": data.name, "seed": seed,
+                               "device": device.type})
 
 
 def check_model_output(model: nn.Module, data: Dataset, source: str) -> None:

@@ -181,3 +181,21 @@ def test_python_m_lpcli_and_formats_listing():
                                check=True).stdout
     for command in ("analyze", "recommend", "train-check"):
         assert command in help_text
+
+
+def test_output_files_get_ordinary_permissions(tmp_path, small_recipe):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "stats.yaml"
+        assert run_cli("analyze", small_recipe(), "--steps", "2", "-o", fresh).exit_code == 0
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "kept.yaml"
+        kept.write_text("old")
+        kept.chmod(0o600)
+        assert run_cli("analyze", small_recipe(), "--steps", "2", "-o", kept).exit_code == 0
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    finally:
+        os.umask(umask)
