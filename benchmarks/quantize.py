@@ -40,7 +40,7 @@ FORMATS = (
     "fp6-e3m2",
     "fp4-e2m1",
     "e3m4",
-    "e8m3",  # 8 exponent bits: the float64 path
+    "e8m3",  # 8 exponent bits: the integer path on the bit pattern
 )
 ROUNDINGS = ("nearest", "zero", "stochastic")
 

@@ -18,6 +18,7 @@ from . import distributed
 from .data import Dataset, batch_indices, load_data
 from .distributed import World, all_sum
 from .errors import InputError, Interrupted
+from .formats import Float32
 from .models import build_model, quantizable_layers
 from .optim import KahanSGD
 from .plan import Plan
@@ -108,6 +109,8 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
             for layer in result["optimizer"]:
                 diagnostics[layer["name"]].setdefault("lost_updates", {})[run] = layer["lost_updates"]
                 diagnostics[layer["name"]].setdefault("lost_mass", {})[run] = layer["lost_mass"]
+            for name, share in result["weights_at_limit"].items():
+                diagnostics[name].setdefault("weight_saturated", {})[run] = share
             for name, tensors in result["counts"]["layers"].items():
                 for tensor, counts in tensors.items():
                     share = shares(counts)
@@ -224,6 +227,7 @@ def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset
         result["counts"] = simulator.counts()
         result["optimizer"] = optimizer.diagnostics()
         result["initial_saturated"] = optimizer.initial_saturated
+        result["weights_at_limit"] = _weights_at_limit(model, plan)
         simulator.remove()
     return result
 
@@ -241,6 +245,22 @@ def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> Non
     for counter, totals in zip(counters, joined[:-2].split(4), strict=True):
         counter.totals = totals.clone()
     simulator.flushed_non_target = joined[-2:].clone()
+
+
+def _weights_at_limit(model: nn.Module, plan: Plan) -> dict[str, float | None]:
+    """Per layer, the share of stored weights sitting at the format's range limit at the
+    end: weights that kept growing and were clipped, so their updates were lost."""
+    modules = dict(model.named_modules())
+    shares: dict[str, float | None] = {}
+    for name, fmts in plan.layers.items():
+        fmt = fmts["weight"]
+        params = [p.detach() for p in modules[name].parameters(recurse=False)]
+        if not params or not hasattr(fmt, "max_value") or isinstance(fmt, Float32):
+            shares[name] = None
+            continue
+        at_limit = sum(int(((p >= fmt.max_value) | (p <= fmt.min_value)).sum()) for p in params)
+        shares[name] = at_limit / sum(p.numel() for p in params)
+    return shares
 
 
 def _param_groups(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:

@@ -295,7 +295,10 @@ def quantize(
         kernel = _fixed_kernel(fmt.width, frac, rounding, generator, saturate)
     else:
         native = _native_dtype(fmt) if rounding == "nearest" else None
-        kernel = _cast_kernel(native) if native is not None else _float_kernel(fmt, rounding, generator)
+        if native is not None:
+            kernel = _cast_kernel(native)
+        else:
+            kernel = _float_kernel(fmt, rounding, generator, xf.device.type)
 
     direct = (
         out is not None
@@ -474,14 +477,148 @@ def _float(
     rounding: str,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """The general float quantizer (any E/M split) on a float32 tensor; returns a new tensor."""
+    """The float quantizer (any E/M split, no torch cast) on a float32 tensor; returns a new tensor."""
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _apply(_float_kernel(fmt, rounding, generator), x.contiguous(), y)
+    _apply(_float_kernel(fmt, rounding, generator, x.device.type), x.contiguous(), y)
     return y
 
 
-def _float_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | None) -> _Kernel:
-    """The general float quantizer, by exponent arithmetic on the bit pattern.
+_EXP = 0xFF << 23  # exponent field of a float32 pattern viewed as int32 (0x7f800000, +inf)
+
+
+def _float_kernel(
+    fmt: FloatFormat,
+    rounding: str,
+    generator: torch.Generator | None,
+    device_type: str = "cpu",
+) -> _Kernel:
+    """Pick the float kernel. ``device_type == "cpu"``: a kernel may look at each chunk (a
+    reduction read back as a Python number) to skip the passes that only special values
+    (NaN, inf, values beyond the range) need; elsewhere it runs every pass, with no host
+    synchronization."""
+    check = device_type == "cpu"
+    if fmt.exp == 8:
+        return _e8_kernel(fmt, rounding, generator, check)
+    if fmt.man <= 21 and rounding == "nearest":
+        return _nearest_kernel(fmt)
+    return _general_kernel(fmt, rounding, generator)
+
+
+def _limits(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a CPU chunk as Python floats, in one read pass; both NaN if x has NaN."""
+    low, high = torch.aminmax(x)
+    return float(low), float(high)
+
+
+def _e8_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | None, check: bool) -> _Kernel:
+    """Floats with 8 exponent bits (bf16, e8m<M>), by integer arithmetic on the bit pattern.
+
+    With float32's own exponent range, the format's values, subnormals included, are
+    exactly the float32 values whose low ``D = 23 - M`` pattern bits are zero (float32
+    subnormals step by 2^-149, the format's by 2^(-126-M), a multiple). Within a binade
+    the pattern is linear in the value, and a carry out of the mantissa moves to the next
+    binade's first value, which is the right neighbour there. The sign bit stays out of
+    the way: adding a non-negative amount smaller than 2^D to a pattern grows its magnitude.
+
+    * zero:       clear the low D bits.
+    * nearest:    add ``2^(D-1) - 1`` plus the significand's lowest bit (ties go to the
+      even neighbour), then clear. That bit is pattern bit D, or for M = 0 the implicit
+      bit (1 unless the exponent field is 0). A carry past the largest finite value gives
+      inf, as IEEE rounding does.
+    * stochastic: add a uniform random integer in [0, 2^D) (``random_``, one per element
+      whatever the chunking), then clear: the carry happens with probability
+      (low bits) / 2^D, the distance to the lower neighbour over the spacing, exactly.
+
+    Special values: inf has zero low bits and stays inf (less than 2^D is added). A NaN's
+    payload may be cleared (inf) or carry into the sign bit, so chunks with NaN take x's
+    NaN back with ``where``. Stochastic rounding must not carry finite values beyond max
+    into inf: such chunks are clamped to +-max first (max is on the grid and stays), and
+    inf is taken back from x. On the CPU these fixes run only for chunks that need them
+    (one ``aminmax`` read tells); elsewhere they always run.
+    """
+    drop = 23 - fmt.man
+    clear = -(1 << drop)  # int32 mask that keeps the high 32 - D bits
+    max_value = fmt.max_value
+    stochastic = rounding == "stochastic"
+
+    def run(x: torch.Tensor, y: torch.Tensor, *scratch: torch.Tensor) -> None:
+        if drop == 0:  # e8m23 is float32
+            y.copy_(x)
+            return
+        bits, out = x.view(torch.int32), y.view(torch.int32)
+        if check:
+            low, high = _limits(x)
+            has_nan = low != low
+            nonfinite = not (math.isfinite(low) and math.isfinite(high))
+            beyond = not -max_value <= low <= high <= max_value  # NaN, inf or > max
+        else:
+            has_nan = nonfinite = beyond = True
+        if rounding == "nearest":
+            if drop == 23:
+                # e8m0: the significand is the implicit bit alone, odd for normal numbers
+                torch.bitwise_and(bits, _EXP, out=out).clamp_(max=1)
+            else:
+                torch.bitwise_right_shift(bits, drop, out=out).bitwise_and_(1)
+            out.add_(bits).add_((1 << (drop - 1)) - 1).bitwise_and_(clear)
+        elif rounding == "zero":
+            torch.bitwise_and(bits, clear, out=out)
+        else:
+            (random,) = scratch
+            random.random_(0, 1 << drop, generator=generator)
+            if beyond:
+                torch.clamp(x, -max_value, max_value, out=y)  # NaN stays NaN, inf -> max
+                out.add_(random)
+            else:
+                torch.add(bits, random, out=out)
+            out.bitwise_and_(clear)
+        if stochastic and nonfinite:
+            torch.where(torch.isfinite(x), y, x, out=y)  # inf and NaN back from x
+        elif has_nan:
+            torch.where(torch.isnan(x), x, y, out=y)
+
+    return _Kernel(run, (torch.int32,) if stochastic else ())
+
+
+def _nearest_kernel(fmt: FloatFormat) -> _Kernel:
+    """Nearest rounding for E <= 7, M <= 21 (fp8, fp6, fp4, e3m4, ...) in float32.
+
+    The grid spacing of a value with exponent e is ``s = 2^(max(e, emin) - M)``. The
+    exponent field of x, masked out of its bits and clamped to [emin, emax + 1], is the
+    float ``g = 2^max(e, emin)`` (capped); ``C = K * g`` with ``K = 1.5 * 2^(23 - M)`` is
+    ``1.5 * 2^23 * s``, so ``x + C`` lies in a binade whose spacing is s: the addition
+    rounds x to the grid, ties to even, and subtracting C is exact. ``torch.add(..,
+    alpha=K)`` forms ``K * g`` exactly (a power of two times 1.5) inside the same pass.
+    ``copysign`` restores the sign of values that became zero (``x + C - C`` gives +0).
+
+    Range: fn formats clamp x to +-max first (max is on the grid and stays). IEEE formats
+    need no clamp: the field clamp keeps C finite for any x, rounding is monotone, so x
+    from max + half a spacing on (and inf) comes out at least ``2^(emax + 1)``, and
+    multiplying by ``2^(127 - emax)`` and back turns exactly those values into inf.
+    """
+    scale = 1.5 * 2.0 ** (23 - fmt.man)
+    low_field = (fmt.emin + 127) << 23
+    high_field = (fmt.emax + 1 + 127) << 23
+    overflow_scale = 2.0 ** (127 - fmt.emax)
+    max_value = fmt.max_value
+
+    def run(x: torch.Tensor, y: torch.Tensor, field: torch.Tensor) -> None:
+        src = x
+        if fmt.finite:
+            src = torch.clamp(x, -max_value, max_value, out=y)
+        torch.bitwise_and(src.view(torch.int32), _EXP, out=field)
+        field.clamp_(low_field, high_field)
+        grid = field.view(torch.float32)
+        torch.add(src, grid, alpha=scale, out=y)
+        y.sub_(grid, alpha=scale)
+        y.copysign_(x)
+        if not fmt.finite:
+            y.mul_(overflow_scale).mul_(1.0 / overflow_scale)
+
+    return _Kernel(run, (torch.int32,))
+
+
+def _general_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | None) -> _Kernel:
+    """The general float quantizer (E <= 7), by exponent arithmetic on the bit pattern.
 
     Each value's grid spacing is ``s = 2^(max(e, emin) - M)`` with e its exponent: the
     exponent field is masked out of the bits and clamped from below at the format's
@@ -493,10 +630,11 @@ def _float_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | 
     values that became zero.
 
     The arithmetic runs in float32 when ``C`` and ``s`` stay normal float32 numbers
-    (E <= 7, M <= 21: every 4-, 6- and 8-bit format and fp16) and in float64 otherwise
-    (E = 8, M >= 22), where the same steps are exact for every float32 input.
+    (M <= 21: every 4-, 6- and 8-bit format and fp16) and in float64 otherwise (M >= 22),
+    where the same steps are exact for every float32 input. Used for zero and stochastic
+    rounding, and for nearest rounding with M >= 22.
     """
-    fast = fmt.exp <= 7 and fmt.man <= 21
+    fast = fmt.man <= 21
     work, ints, mant, bias = (
         (torch.float32, torch.int32, 23, 127) if fast else (torch.float64, torch.int64, 52, 1023)
     )

@@ -120,7 +120,7 @@ def render_check(report: dict[str, Any], console: Console) -> None:
     for name, d in report["diagnostics"].items():
         cells = [_pair(d.get(key, {}), lp_runs) for key in columns.values()]
         saturated = {run: max((d.get(f"{k}_saturated", {}).get(run) or 0.0)
-                              for k in ("activation", "error", "weight_grad")) for run in lp_runs}
+                              for k in ("weight", "activation", "error", "weight_grad")) for run in lp_runs}
         diag.add_row(name, plan["layers"][name]["weight"], *cells, _pair(saturated, lp_runs))
     diag.caption = ("lost upd.: updates that changed nothing; lost mass: share of the summed intended update "
                     "missing from the weights at the end; uflow: non-zero values rounded to zero")

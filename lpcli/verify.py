@@ -68,6 +68,12 @@ def add_range(fmt: Format, bits: int) -> Format:
     return fmt
 
 
+def _range_step(saturated: float) -> int:
+    """One more integer bit for a little saturation, two for a lot (>= 5%: the values
+    have grown well past the range the analysis saw)."""
+    return 2 if saturated >= 0.05 else 1
+
+
 def blame(report: dict[str, Any], plan: Plan, step: int = 2) -> list[Widening]:
     """What to widen after a failed check, from the Kahan run's diagnostics."""
     out: list[Widening] = []
@@ -81,7 +87,11 @@ def blame(report: dict[str, Any], plan: Plan, step: int = 2) -> list[Widening]:
     for layer, d in report["diagnostics"].items():
         def value(key: str, d: dict[str, Any] = d) -> float:
             return d.get(key, {}).get("kahan") or 0.0
-        if value("lost_mass") > LOST_MASS:
+        clipped = value("weight_saturated")
+        if clipped > SATURATION:  # weights grew past the range: their updates were clipped, not swamped
+            out.append(Widening(layer, "weight", "range", _range_step(clipped),
+                                f"{clipped:.2%} of weights at the range limit (> {SATURATION:.1%})"))
+        elif value("lost_mass") > LOST_MASS:
             out.append(Widening(layer, "weight", "resolution", step,
                                 f"lost update mass {value('lost_mass'):.0%} > {LOST_MASS:.0%}"))
         for tensor in ("activation", "error", "weight_grad"):
@@ -93,7 +103,8 @@ def blame(report: dict[str, Any], plan: Plan, step: int = 2) -> list[Widening]:
                 out.append(Widening(layer, tensor, "resolution", step,
                                     f"{under:.1%} of non-zero values underflow (> {limit:.0%})"))
             if sat > SATURATION:
-                out.append(Widening(layer, tensor, "range", 1, f"{sat:.2%} saturated (> {SATURATION:.1%})"))
+                out.append(Widening(layer, tensor, "range", _range_step(sat),
+                                    f"{sat:.2%} saturated (> {SATURATION:.1%})"))
     soft = report.get("softmax", {}).get("kahan", {})
     if (soft.get("logits_saturated") or 0.0) > LOGITS_SATURATED:
         out.append(Widening("softmax", "input", "range", 1,

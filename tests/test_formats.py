@@ -289,6 +289,46 @@ def test_float_zero_rounding(name: str) -> None:
     assert bool(torch.isfinite(q[finite]).all())  # never inf from a finite value
 
 
+@pytest.mark.parametrize("spec", ["bf16", "e8m3", "e8m0"])
+def test_e8_stochastic_neighbours_and_special_values(spec: str) -> None:
+    """The integer path for 8 exponent bits: one of the two neighbours (zero rounding's
+    answer or the next value up in magnitude), NaN payloads stay NaN (a carry could reach
+    the sign bit), inf stays inf, finite values beyond max saturate."""
+    fmt = parse_format(spec)
+    payloads = [0x7FFFFFFF, 0x7F800001, -1, 0x7FC00000]  # NaN patterns; -1 is 0xffffffff
+    nans = torch.tensor(payloads, dtype=torch.int32).view(torch.float32)
+    specials = torch.cat([nans, f32([INF, -INF, 3.4e38, -3.4e38, fmt.max_value, 0.0, -0.0, 2.0**-149])])
+    x = torch.cat([random_bits(N // 4, -150, 127, 9), specials])
+    q = quantize(x, spec, "stochastic", gen(3))
+    lower = reference_float(x, fmt, "zero")  # toward zero: the neighbour of smaller magnitude
+    upper = torch.copysign((lower.abs() + lsb_tensor(lower.abs(), fmt)).clamp(max=fmt.max_value), x)
+    finite = torch.isfinite(x)
+    assert bool(((q == lower) | (q == upper))[finite].all())
+    assert bool(torch.isfinite(q[finite]).all())
+    assert torch.isnan(q[-12:-8]).all() and q[-8:-4].tolist() == [INF, -INF, fmt.max_value, -fmt.max_value]
+
+
+def lsb_tensor(a: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Spacing of the format at each non-negative float32 value of a (on the grid)."""
+    e = torch.where(a > 0, torch.frexp(a.double())[1] - 1, fmt.emin)
+    return torch.ldexp(torch.ones_like(a, dtype=torch.float64), torch.clamp(e, min=fmt.emin) - fmt.man).float()
+
+
+@pytest.mark.parametrize("spec", ["bf16", "e8m3", "e8m0", "e8m16"])
+def test_e8_checked_and_unchecked_paths_agree(spec: str) -> None:
+    """On an accelerator the integer path runs every fix-up pass; on the CPU only where a
+    chunk needs them. Both must give the same bits (the random stream is the same)."""
+    fmt = parse_format(spec)
+    x = torch.cat([random_bits(N // 8, -150, 128, 10), float_edges(fmt)])
+    for rounding in formats.ROUNDINGS:
+        results = []
+        for device_type in ("cpu", "cuda"):
+            y = torch.empty_like(x)
+            formats._apply(formats._float_kernel(fmt, rounding, gen(4), device_type), x, y)
+            results.append(y)
+        assert_bitexact(results[0], results[1], x)
+
+
 # --- fixed point against fake_quantize ------------------------------------------------------
 
 

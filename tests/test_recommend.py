@@ -250,4 +250,4 @@ def test_recommend_float_from_stats_file_alone_equals_from_recipe(tmp_path):
     from_recipe = run_cli("recommend", "digits-mlp", *args).json()
     assert from_file["layers"] == from_recipe["layers"]
     assert from_file["summary"] == from_recipe["summary"]
-    assert from_file["softmax_error"] == from_recipe["softmax_error"] == "e3m4fn"  # e3m2fn (6 bits) rounded up to 8
+    assert from_file["softmax_error"] == from_recipe["softmax_error"] == "fp8-e4m3"  # e4m2fn (7 bits) rounded up to 8
