@@ -199,3 +199,21 @@ def test_output_files_get_ordinary_permissions(tmp_path, small_recipe):
         assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     finally:
         os.umask(umask)
+
+
+def test_resnet_from_an_import_path_passes_with_qualified_layer_names():
+    from torch import nn
+
+    from lpcli.models import build_model
+    from lpcli.recipe import load_recipe
+
+    result = run_cli("train-check", "resnet-digits", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert report["verdict"]["passed"]
+    recipe = load_recipe("resnet-digits")
+    model = build_model(recipe.model, recipe.source, recipe.base_dir)
+    wanted = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert wanted == {"stem.conv", "blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2", "head"}
+    assert wanted <= set(report["plan"]["layers"])
+    assert report["plan"]["output_layer"] == "head"
