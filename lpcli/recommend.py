@@ -448,8 +448,9 @@ def float_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, 
     return fmt2, why + note  # type: ignore[return-value]
 
 
-def recommend_layer(name: str, layer: dict[str, Any], lr: float, rules: Rules, fixed: dict[str, Format]) -> tuple[
+def recommend_layer(layer: dict[str, Any], rules: Rules, fixed: dict[str, Format]) -> tuple[
         dict[str, Format], dict[str, str]]:
+    """Formats and reasons for one layer's four tensors; ``fixed`` are the recipe's choices."""
     formats: dict[str, Format] = {}
     reasons: dict[str, str] = {}
     rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
@@ -463,7 +464,7 @@ def recommend_layer(name: str, layer: dict[str, Any], lr: float, rules: Rules, f
 
 
 def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Precision | None = None,
-              layer_names: list[str] | None = None, source: str = "stats") -> Plan:
+              source: str = "stats") -> Plan:
     """A plan for the layers in ``stats`` (validated by :func:`lpcli.stats.validate_stats`)."""
     rules = rules or Rules()
     precision = precision or Precision()
@@ -474,12 +475,11 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
             raise InputError(source, f"precision.layers.{name}",
                              f"the model has no layer {name!r} (layers: {', '.join(stats['layers'])})")
     classes = stats["classes"]
-    lr = stats["training"]["lr"]
     layers: dict[str, dict[str, Format]] = {}
     reasons: dict[str, Any] = {}
     for name, layer in stats["layers"].items():
         fixed = {**precision.defaults, **precision.layers.get(name, {})}
-        layers[name], reasons[name] = recommend_layer(name, layer, lr, rules, fixed)
+        layers[name], reasons[name] = recommend_layer(layer, rules, fixed)
 
     softmax_input, why_input, softmax_error, why_error = softmax_formats(classes, rules, rules.family)
     softmax_input, note = finish(softmax_input, rules)
