@@ -165,7 +165,12 @@ def _teardown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # Leave together: a process that closes its connections while a peer is still
+        # writing its report makes the peer's gloo thread abort (SIGABRT) on the lost link.
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shard(index: torch.Tensor, world: World) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_two_processes_give_the_single_process_verdict(tmp_path):
     single = train_check(recipe, plan)
     assert parallel["device"] == {"type": "cpu", "processes": 2, "backend": "gloo"}
     assert parallel["verdict"]["passed"] == single["verdict"]["passed"]
-    assert result.returncode == (0 if single["verdict"]["passed"] else 1)
+    assert result.returncode == (0 if single["verdict"]["passed"] else 1), result.stderr[-4000:]
     for run, summary in single["runs"].items():
         assert abs(parallel["runs"][run]["test_accuracy"] - summary["test_accuracy"]) <= 0.01, run
         assert parallel["runs"][run]["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-3), run
