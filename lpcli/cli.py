@@ -200,8 +200,8 @@ def recommend_command(
     range_from: Annotated[str, typer.Option("--range", help="What the range must hold: p999 (the 99.9th "
                                             "percentile; the saturation this predicts is in the reason) or absmax "
                                             "(the largest value seen). Weights always use absmax.")] = "p999",
-    headroom: Annotated[int, typer.Option(min=0, max=8, help="Range margin above the observed maxima, in "
-                                          "bits.")] = 1,
+    headroom: Annotated[int, typer.Option(min=0, max=8, help="Range margin, in bits, above the top the "
+                                          "range must hold (p99.9 or the maximum).")] = 1,
     margin: Annotated[int, typer.Option(min=0, max=8, help="Extra resolution bits (fraction or mantissa) on "
                                         "every format.")] = 0,
     widths: Annotated[str | None, typer.Option(help="Widths your hardware has, e.g. 4,8,16: every format is "
