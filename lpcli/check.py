@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .data import Dataset, batch_indices, load_data
+from .data import Dataset, batch_indices
 from .distributed import World, all_sum
 from .errors import InputError, Interrupted
 from .formats import Float32
-from .models import build_model, quantizable_layers
+from .models import quantizable_layers
 from .optim import KahanSGD
 from .plan import Plan
 from .recipe import Recipe, load_recipe
 from .simulate import NonFiniteWatch, Simulator, shares
-from .stats import check_model_output
+from .stats import prepare_run
 
 RUNS = ("fp32", "plain", "kahan")
 LOW_PRECISION_RUNS = ("plain", "kahan", "stochastic")
@@ -69,12 +69,8 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
                          source=recipe.source)
     plan = distributed.broadcast_object(plan, world)
     training = recipe.training
-    seed = training.seed if seed is None else seed
     steps = training.steps if steps is None else steps
-    data = (load_data(recipe.data, recipe.source) if data is None else data).to(device)
-    torch.manual_seed(seed)
-    model = build_model(recipe.model, recipe.source, recipe.base_dir).to(device)
-    check_model_output(model, data, recipe.source)
+    seed, data, model = prepare_run(recipe, seed, data, device)
     check_plan_matches(plan, model, plan_source)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = batch_indices(len(data.y_train), training.batch_size, steps, seed)

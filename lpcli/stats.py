@@ -228,12 +228,8 @@ def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     training = recipe.training
-    seed = training.seed if seed is None else seed
     steps = training.analyze_steps if steps is None else steps
-    data = (load_data(recipe.data, recipe.source) if data is None else data).to(device)
-    torch.manual_seed(seed)
-    model = build_model(recipe.model, recipe.source, recipe.base_dir).to(device)
-    check_model_output(model, data, recipe.source)
+    seed, data, model = prepare_run(recipe, seed, data, device)
     layers = quantizable_layers(model)
     if not layers:
         raise InputError(recipe.source, "model", "has no layer with a weight to analyze")
@@ -254,6 +250,18 @@ def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | 
     return collector.document(data.classes, collector.output_layer,
                               {"recipe": recipe.source, "data": data.name, "seed": seed,
                                "device": device.type})
+
+
+def prepare_run(recipe: Recipe, seed: int | None, data: Dataset | None,
+                device: torch.device) -> tuple[int, Dataset, nn.Module]:
+    """The seed, the data on ``device`` and the model every run of a recipe starts from:
+    built from the seed on the CPU, then moved, so every device starts from the same weights."""
+    seed = recipe.training.seed if seed is None else seed
+    data = (load_data(recipe.data, recipe.source) if data is None else data).to(device)
+    torch.manual_seed(seed)
+    model = build_model(recipe.model, recipe.source, recipe.base_dir).to(device)
+    check_model_output(model, data, recipe.source)
+    return seed, data, model
 
 
 def check_model_output(model: nn.Module, data: Dataset, source: str) -> None:
