@@ -236,11 +236,11 @@ def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> Non
     for counter in counters:
         if counter.totals is None:
             counter.totals = torch.zeros(4, dtype=torch.float64, device=device)
-    flushed = simulator.flushed_non_target.to(device)
-    joined = all_sum(torch.cat([c.totals for c in counters] + [flushed]), world)
+    targets = simulator.target_error_counts.to(device)
+    joined = all_sum(torch.cat([c.totals for c in counters] + [targets]), world)
     for counter, totals in zip(counters, joined[:-2].split(4), strict=True):
         counter.totals = totals.clone()
-    simulator.flushed_non_target = joined[-2:].clone()
+    simulator.target_error_counts = joined[-2:].clone()
 
 
 def _weights_at_limit(model: nn.Module, plan: Plan) -> dict[str, float | None]:

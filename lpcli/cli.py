@@ -266,9 +266,6 @@ def _acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
-WidthOpt = Annotated[int | None, typer.Option(min=2, max=24, show_default=False)]
-
-
 @app.command("train-check")
 @handle_errors
 def train_check_command(

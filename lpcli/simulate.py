@@ -114,11 +114,10 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         error[rows, labels] -= 1.0
         q = quantize(error, sim.softmax_error, sim.rounding, sim.generator)
         sim.softmax_error_counts.record(error, q, sim.softmax_error)
-        non_target = torch.ones_like(error, dtype=torch.bool)
-        non_target[rows, labels] = False
-        flushed = ((q == 0) & (error != 0) & non_target).sum(dtype=torch.float64)
-        counted = (non_target & (error != 0)).sum(dtype=torch.float64)
-        sim.flushed_non_target = sim.flushed_non_target + torch.stack([flushed, counted])
+        # The non-target counts are the whole tensor's less the target entries' (one per row).
+        target_nonzero = torch.count_nonzero(error[rows, labels])
+        target_flushed = target_nonzero - torch.count_nonzero(q[rows, labels])
+        sim.target_error_counts = sim.target_error_counts + torch.stack([target_nonzero, target_flushed]).double()
         return q * (grad / len(labels)), None, None
 
 
@@ -152,11 +151,12 @@ class Simulator:
         self.points: dict[str, _LayerPoint] = {}
         self.grad_counts: dict[str, Counter] = {}
         self.softmax_input_counts, self.softmax_error_counts = Counter(), Counter()
-        self.flushed_non_target = torch.zeros(2, dtype=torch.float64)
+        self.target_error_counts = torch.zeros(2, dtype=torch.float64)  # non-zero, flushed
         self._handles: list[Any] = []
         for name, formats in layers.items():
             module = modules[name]
-            if name != output_layer:
+            quantized = not (isinstance(formats["activation"], Float32) and isinstance(formats["error"], Float32))
+            if name != output_layer and quantized:
                 point = _LayerPoint(self, formats["activation"], formats["error"])
                 self.points[name] = point
                 self._handles.append(module.register_forward_hook(_output_hook(point)))
@@ -169,8 +169,8 @@ class Simulator:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy through the quantized softmax."""
-        if self.flushed_non_target.device != logits.device:
-            self.flushed_non_target = self.flushed_non_target.to(logits.device)
+        if self.target_error_counts.device != logits.device:
+            self.target_error_counts = self.target_error_counts.to(logits.device)
         return _SoftmaxCrossEntropy.apply(logits, labels, self)
 
     def counts(self) -> dict[str, Any]:
@@ -181,12 +181,14 @@ class Simulator:
             layers[name]["error"] = point.error_counts.as_dict()
         for name, counter in self.grad_counts.items():
             layers.setdefault(name, {})["weight_grad"] = counter.as_dict()
-        flushed, counted = self.flushed_non_target.tolist()
+        error = self.softmax_error_counts.as_dict()
+        target_nonzero, target_flushed = self.target_error_counts.tolist()
+        counted = error["nonzero"] - target_nonzero
         return {
             "layers": layers,
             "softmax_input": self.softmax_input_counts.as_dict(),
-            "softmax_error": self.softmax_error_counts.as_dict(),
-            "non_target_flushed": flushed / counted if counted else None,
+            "softmax_error": error,
+            "non_target_flushed": (error["underflow"] - target_flushed) / counted if counted else None,
         }
 
     def remove(self) -> None:

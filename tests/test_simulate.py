@@ -127,3 +127,17 @@ def test_watch_sees_a_gradient_blow_up_in_the_backward_pass():
     out = model(torch.randn(4, 6))
     (out.sum() * float("inf")).backward()
     assert watch.end_step(torch.tensor(1.0)) == ("2", "error")
+
+
+def test_non_target_flush_share_matches_a_direct_count():
+    torch.manual_seed(1)
+    z = (torch.randn(64, 10) * 3).requires_grad_()
+    y = torch.randint(0, 10, (64,))
+    sim = Simulator(nn.Sequential(), {}, parse_format("fp32"), parse_format("fx6.5"))
+    sim.loss(z, y).backward()
+    error = torch.softmax(z.detach(), dim=1) - F.one_hot(y, 10).float()
+    q = quantize(error, "fx6.5")
+    non_target = ~F.one_hot(y, 10).bool()
+    expected = float(((q == 0) & (error != 0) & non_target).sum()) / float(((error != 0) & non_target).sum())
+    assert 0 < expected < 1
+    assert sim.counts()["non_target_flushed"] == expected

@@ -124,3 +124,25 @@ def test_verify_needs_a_recipe(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "--verify" in result.stderr and "recipe" in result.stderr
     assert result.stdout == ""
+
+
+def test_weights_at_the_range_limit_are_counted_and_blamed_on_the_range():
+    from torch import nn
+
+    from lpcli.check import _weights_at_limit
+    from lpcli.formats import parse_format
+    from lpcli.plan import Plan
+    from lpcli.verify import blame
+
+    layer = nn.Linear(2, 2)  # fx4.2: range [-2, 1.75]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.75, -2.0], [0.5, 0.25]]))
+        layer.bias.copy_(torch.tensor([0.0, 1.75]))
+    fmts = {t: parse_format("fx4.2") for t in ("weight", "activation", "error", "weight_grad")}
+    plan = Plan(layers={"0": fmts}, softmax_input=parse_format("fp32"), softmax_error=parse_format("fp32"))
+    shares = _weights_at_limit(nn.Sequential(layer), plan)
+    assert shares == {"0": 3 / 6}
+    report = {"runs": {"kahan": {"diverged": False}},
+              "diagnostics": {"0": {"weight_saturated": {"kahan": 0.5}, "lost_mass": {"kahan": 0.9}}}}
+    widenings = [w for w in blame(report, plan) if w.tensor == "weight"]
+    assert [(w.layer, w.kind, w.bits) for w in widenings] == [("0", "range", 2)]
