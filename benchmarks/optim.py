@@ -6,8 +6,10 @@
 foreach=True)`` on float32 and torch-optimi's ``SGD(kahan_sum=True, momentum=0.875)`` on bfloat16
 parameters. Every optimizer is stepped once per round, round after round (interleaved, so that load
 from other processes hits all of them alike); each line shows the minimum (and median) over rounds,
-divided by the baseline's minimum (median). ``compile`` rows fuse each tensor's step with
-torch.compile; their one-off compilation time is printed separately. One torch thread (see
+divided by the baseline's minimum (median). ``C`` rows are the default on the CPU (``foreach=None``:
+the step in lpcli/_kernels.c, one pass over memory per tensor); ``per-tensor`` and ``foreach`` are
+the torch-operation paths; ``compile`` rows fuse each tensor's step with torch.compile, their
+one-off compilation time printed separately. One torch thread (see
 benchmarks/README.md for why). Targets: fixed point with diagnostics <= 2x torch SGD; bf16 <= 1x optimi.
 """
 
@@ -19,6 +21,7 @@ import time
 
 import torch
 
+from lpcli.formats import kernel_backend
 from lpcli.optim import KahanSGD
 
 
@@ -55,11 +58,12 @@ def main() -> None:
     except ImportError:
         print("torch-optimi not installed: no optimi baseline")
     compiles = (False,) if args.no_compile else (False, True)
+    default = "C" if kernel_backend() == "native" else "default"  # foreach=None on the CPU
     for fmt, mf in (("fx12.8", None), ("bf16", "bf16")):
         for compiled in compiles:
-            for foreach in ((True, False) if not compiled else (True,)):
+            for foreach in ((None, True, False) if not compiled else (True,)):
                 for diag in (True, False):
-                    path = "compile" if compiled else ("foreach" if foreach else "per-tensor")
+                    path = "compile" if compiled else {None: default, True: "foreach", False: "per-tensor"}[foreach]
                     name = f"KahanSGD {fmt:6} {path:10} diag {'on ' if diag else 'off'}"
                     optimizers[name] = KahanSGD(params(n, k), lr=0.0625, momentum=0.875, weight_format=fmt,
                                                 momentum_format=mf, foreach=foreach, compile=compiled,

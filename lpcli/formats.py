@@ -42,14 +42,22 @@ the agreement, bit for bit, and each difference):
   turn NaN into -0.0 / +0.0; we keep NaN. They saturate overflow and inf as we do.
 * ``torch.fake_quantize_per_tensor_affine`` (scale 2^-F, zero point 0) turns NaN and inf
   into arbitrary codes (float-to-int conversion of NaN/inf); we keep NaN and saturate +-inf.
+
+Kernels: on the CPU, fused C kernels (lpcli/_kernels.c, built at install) do each
+rounding in one vectorized pass; elsewhere, or without them, chains of in-place torch
+operations (below) do the same IEEE operations in the same order, so both give the same
+bits. Stochastic rounding is the exception: the C kernels draw from a counter-based hash
+keyed by one draw from the generator, a different (equally seeded) stream.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +126,20 @@ class DynamicFixedPoint:
         frac = torch.where(safe * pow2(frac) > qmax, frac - 1, frac)
         frac = torch.where(safe * pow2(frac + 1) <= qmax, frac + 1, frac)
         return torch.where(absmax > 0, frac, torch.zeros_like(frac)).clamp(-64, 100)
+
+    def frac_of(self, absmax: float) -> int:
+        """:meth:`frac_for` of a Python float, in exact float64 arithmetic (no tensors)."""
+        if not absmax > 0:  # zero and NaN
+            return 0
+        if math.isinf(absmax):
+            return -64
+        qmax = float(2 ** (self.width - 1) - 1)
+        frac = min(max(math.floor(math.log2(qmax / absmax)), -66), 102)
+        while math.ldexp(absmax, frac) > qmax:
+            frac -= 1
+        while math.ldexp(absmax, frac + 1) <= qmax:
+            frac += 1
+        return min(max(frac, -64), 100)
 
     def __str__(self) -> str:
         return f"dfx{self.width}"
@@ -278,37 +300,47 @@ def quantize(
         return x if out is None else out.copy_(x)
     xf = x.detach().float().contiguous()  # no copy for a contiguous float32 x
 
+    fixed: tuple[int, int | torch.Tensor, bool] | None = None  # (width, fraction bits, saturate)
     if isinstance(fmt, FixedPoint):
-        kernel = _fixed_kernel(fmt.width, fmt.frac, rounding, generator)
+        fixed = (fmt.width, fmt.frac, True)
     elif isinstance(fmt, DynamicFixedPoint):
         own = absmax is None
-        if own:
-            low, high = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
-            absmax = torch.maximum(-low, high)  # one pass, no |x| temporary
-        frac = fmt.frac_for(torch.as_tensor(absmax, dtype=torch.float32, device=xf.device))
-        saturate = True
-        if frac.device.type == "cpu":
-            frac = int(frac)  # python scalars are cheaper in the ops below; no sync on the CPU
+        if xf.device.type == "cpu":  # python scalars: cheaper, and no device to wait for
+            value = _absmax_value(xf) if own else float(absmax)
+            frac: int | torch.Tensor = fmt.frac_of(value)
             # The range picked from x's own maximum holds every value unless F hit its limit
             # or x has NaN/inf: then the clamp can be skipped.
-            saturate = not (own and float(absmax) <= (2 ** (fmt.width - 1) - 1) * 2.0**-frac)
-        kernel = _fixed_kernel(fmt.width, frac, rounding, generator, saturate)
-    else:
-        native = _native_dtype(fmt) if rounding == "nearest" else None
-        if native is not None:
-            kernel = _cast_kernel(native)
+            saturate = not (own and value <= (2 ** (fmt.width - 1) - 1) * 2.0**-frac)
+        else:
+            if own:
+                low, high = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
+                absmax = torch.maximum(-low, high)  # one pass, no |x| temporary
+            frac = fmt.frac_for(torch.as_tensor(absmax, dtype=torch.float32, device=xf.device))
+            saturate = True
+        fixed = (fmt.width, frac, saturate)
+
+    native = native_spec(fmt, rounding, generator, fixed) if xf.device.type == "cpu" else None
+    kernel = None
+    if native is None:
+        if fixed is not None:
+            kernel = _fixed_kernel(fixed[0], fixed[1], rounding, generator, fixed[2])
+        elif rounding == "nearest" and _cast_dtype(fmt) is not None:
+            kernel = _cast_kernel(_cast_dtype(fmt))
         else:
             kernel = _float_kernel(fmt, rounding, generator, xf.device.type)
-
     direct = (
         out is not None
         and out.dtype == torch.float32
         and out.is_contiguous()
-        and out.untyped_storage().data_ptr() != xf.untyped_storage().data_ptr()  # kernels read x late
+        # the torch kernels read x after writing parts of y; the native ones read each element first
+        and (native is not None or out.untyped_storage().data_ptr() != xf.untyped_storage().data_ptr())
     )
     y = out if direct else torch.empty_like(xf)
     with torch.no_grad():
-        _apply(kernel, xf, y)
+        if native is not None:
+            _run_native(native, xf, y)
+        else:
+            _apply(kernel, xf, y)
     if direct:
         return y
     if out is not None:
@@ -579,6 +611,11 @@ def _e8_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | Non
     return _Kernel(run, (torch.int32,) if stochastic else ())
 
 
+def _nearest_params(fmt: FloatFormat) -> tuple[float, int, int, float]:
+    """``(K, lowest field, highest field, overflow scale)`` of the nearest kernel below."""
+    return 1.5 * 2.0 ** (23 - fmt.man), (fmt.emin + 127) << 23, (fmt.emax + 1 + 127) << 23, 2.0 ** (127 - fmt.emax)
+
+
 def _nearest_kernel(fmt: FloatFormat) -> _Kernel:
     """Nearest rounding for E <= 7, M <= 21 (fp8, fp6, fp4, e3m4, ...) in float32.
 
@@ -595,10 +632,7 @@ def _nearest_kernel(fmt: FloatFormat) -> _Kernel:
     from max + half a spacing on (and inf) comes out at least ``2^(emax + 1)``, and
     multiplying by ``2^(127 - emax)`` and back turns exactly those values into inf.
     """
-    scale = 1.5 * 2.0 ** (23 - fmt.man)
-    low_field = (fmt.emin + 127) << 23
-    high_field = (fmt.emax + 1 + 127) << 23
-    overflow_scale = 2.0 ** (127 - fmt.emax)
+    scale, low_field, high_field, overflow_scale = _nearest_params(fmt)
     max_value = fmt.max_value
 
     def run(x: torch.Tensor, y: torch.Tensor, field: torch.Tensor) -> None:
@@ -615,6 +649,47 @@ def _nearest_kernel(fmt: FloatFormat) -> _Kernel:
             y.mul_(overflow_scale).mul_(1.0 / overflow_scale)
 
     return _Kernel(run, (torch.int32,))
+
+
+@dataclass(frozen=True)
+class _GeneralParams:
+    exp_mask: int
+    limit: float
+    low_field: int
+    high_field: int
+    offset: int
+    to_inf: bool
+    keep_inf: bool
+    overflow_scale: float
+    inf_scales: tuple[float, float]
+
+
+def _general_params(fmt: FloatFormat, rounding: str) -> _GeneralParams:
+    """The constants of the general kernel below (float32 work for M <= 21, float64 above)."""
+    mant, bias, exp_bits = (23, 127, 8) if fmt.man <= 21 else (52, 1023, 11)
+    nearest = rounding == "nearest"
+    # Before rounding, clamp to the range. Nearest rounding in an IEEE format sends values
+    # from max + half a spacing on (and inf) to inf: clamp to 2^(emax+1), which the rounding
+    # keeps and the scaling below turns into inf. Otherwise clamp to the largest finite
+    # value (fn formats saturate; directed and stochastic rounding stop at max).
+    to_inf = nearest and not fmt.finite
+    if nearest:
+        offset = ((mant - fmt.man) << mant) | (1 << (mant - 1))  # exponent field -> C
+    else:
+        offset = -(fmt.man << mant)  # exponent field -> s
+    return _GeneralParams(
+        exp_mask=((1 << exp_bits) - 1) << mant,
+        limit=math.ldexp(1.0, fmt.emax + 1) if to_inf else fmt.max_value,
+        low_field=(fmt.emin + bias) << mant,
+        high_field=(fmt.emax + 1 + bias) << mant,
+        offset=offset,
+        to_inf=to_inf,
+        # Directed and stochastic rounding saturate finite values at max in IEEE formats too,
+        # but inf stays inf: see the end of the kernel.
+        keep_inf=not fmt.finite and not nearest,
+        overflow_scale=2.0 ** (bias - fmt.emax),  # 2^(emax+1) * 2^(bias-emax) = 2^(bias+1) overflows to inf
+        inf_scales=(2.0**-100, 2.0 ** (fmt.emax - mant - 29)),
+    )
 
 
 def _general_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | None) -> _Kernel:
@@ -635,27 +710,11 @@ def _general_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator 
     rounding, and for nearest rounding with M >= 22.
     """
     fast = fmt.man <= 21
-    work, ints, mant, bias = (
-        (torch.float32, torch.int32, 23, 127) if fast else (torch.float64, torch.int64, 52, 1023)
-    )
-    exp_mask = ((1 << 8) - 1) << 23 if fast else ((1 << 11) - 1) << 52
+    work, ints = (torch.float32, torch.int32) if fast else (torch.float64, torch.int64)
     nearest = rounding == "nearest"
-    # Before rounding, clamp to the range. Nearest rounding in an IEEE format sends values
-    # from max + half a spacing on (and inf) to inf: clamp to 2^(emax+1), which the rounding
-    # keeps and the scaling below turns into inf. Otherwise clamp to the largest finite
-    # value (fn formats saturate; directed and stochastic rounding stop at max).
-    to_inf = nearest and not fmt.finite
-    limit = math.ldexp(1.0, fmt.emax + 1) if to_inf else fmt.max_value
-    low_field = (fmt.emin + bias) << mant
-    high_field = (fmt.emax + 1 + bias) << mant
-    if nearest:
-        offset = ((mant - fmt.man) << mant) | (1 << (mant - 1))  # exponent field -> C
-    else:
-        offset = -(fmt.man << mant)  # exponent field -> s
-    overflow_scale = bias - fmt.emax  # 2^(emax+1) * 2^(bias-emax) = 2^(bias+1) overflows to inf
-    # Directed and stochastic rounding saturate finite values at max in IEEE formats too,
-    # but inf stays inf: see the end of run().
-    keep_inf = not fmt.finite and not nearest
+    p = _general_params(fmt, rounding)
+    exp_mask, limit, low_field, high_field, offset = p.exp_mask, p.limit, p.low_field, p.high_field, p.offset
+    to_inf, keep_inf, overflow_scale = p.to_inf, p.keep_inf, p.overflow_scale
     names = ["field"] + ([] if fast else ["wide", "result"])
     names += [] if nearest else ["floor", "random"]
     names += ["clamped"] if keep_inf else []
@@ -683,14 +742,14 @@ def _general_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator 
             w.mul_(grid)
         torch.copysign(w, src, out=w)
         if to_inf:
-            w.mul_(2.0**overflow_scale).mul_(2.0**-overflow_scale)
+            w.mul_(overflow_scale).mul_(1.0 / overflow_scale)
         if keep_inf:
             # h = (clamp(x) - x) * 2^(emax - mant - 129) is 0 where x is in range, -+inf where
             # x is +-inf (NaN for NaN), and otherwise (finite x beyond max, where w = +-max;
             # |x| < 2^128) below half a spacing of the working float at max, so w - h puts
             # inf back and leaves the rest alone. Cheaper than isinf + where; the factor is
             # applied in two steps so that each one is a normal float.
-            clamped.sub_(src).mul_(2.0**-100).mul_(2.0 ** (fmt.emax - mant - 29))
+            clamped.sub_(src).mul_(p.inf_scales[0]).mul_(p.inf_scales[1])
             w.sub_(clamped)
         if not fast:
             y.copy_(w)  # exact: w is on the format's grid, inside float32's range
@@ -698,7 +757,7 @@ def _general_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator 
     return _Kernel(run, tuple(dtypes.get(name, work) for name in names))
 
 
-def _native_dtype(fmt: FloatFormat) -> torch.dtype | None:
+def _cast_dtype(fmt: FloatFormat) -> torch.dtype | None:
     """A torch dtype whose cast is the format's nearest rounding and faster than ``_float``.
 
     torch's float8 casts are bit-exact too but slower than the general path on the CPU
@@ -709,6 +768,112 @@ def _native_dtype(fmt: FloatFormat) -> torch.dtype | None:
         FloatFormat(8, 7): torch.bfloat16,
     }
     return natives.get(fmt)
+
+
+# --- native kernels ----------------------------------------------------------------------
+#
+# lpcli/_kernels.c fuses each kernel above into one pass over memory on the CPU. It is
+# compiled when the package is installed; where that failed (no C compiler) or
+# LPCLI_KERNELS=torch is set, the torch kernels above run instead, with the same results
+# (stochastic rounding aside: the native kernels draw their own random numbers, keyed by
+# one draw from the generator).
+
+try:
+    from lpcli import _kernels
+except ImportError:  # built without a C compiler
+    _kernels = None
+if os.environ.get("LPCLI_KERNELS", "").strip().lower() == "torch":
+    _kernels = None
+
+_MODES = {"nearest": 0, "zero": 1, "stochastic": 2}
+_PIECE = 1 << 18  # elements per thread and call, when torch runs with several threads
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
+
+
+def kernel_backend() -> str:
+    """``"native"`` when the fused C kernels run on the CPU, ``"torch"`` otherwise."""
+    return "native" if _kernels is not None else "torch"
+
+
+def native_spec(
+    fmt: Format,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    fixed: tuple[int, int | torch.Tensor, bool] | None = None,
+) -> tuple | None:
+    """The C kernels' description of rounding onto ``fmt``: ``(kind, mode, key,
+    parameters...)``, or None where the torch kernels must run (no C kernels; dynamic
+    fixed point without its ``fixed`` = (width, fraction bits, saturate) resolved)."""
+    if _kernels is None:
+        return None
+    mode = _MODES[rounding]
+    key = int(torch.empty((), dtype=torch.int64).random_(generator=generator)) if mode == 2 else 0
+    if isinstance(fmt, FixedPoint) and fixed is None:
+        fixed = (fmt.width, fmt.frac, True)
+    if fixed is not None:
+        width, frac, saturate = fixed
+        if not isinstance(frac, int):
+            return None
+        step = 2.0**-frac
+        return (1, mode, key, -(2 ** (width - 1)) * step, (2 ** (width - 1) - 1) * step, step, 2.0**frac,
+                int(saturate))
+    if isinstance(fmt, Float32) or fmt == FloatFormat(8, 23):
+        return (0, mode, key)
+    if not isinstance(fmt, FloatFormat):
+        return None
+    if fmt.exp == 8:
+        return (2, mode, key, 23 - fmt.man, fmt.max_value)
+    if fmt.man <= 21 and rounding == "nearest":
+        scale, low_field, high_field, overflow_scale = _nearest_params(fmt)
+        return (3, mode, key, scale, fmt.max_value, overflow_scale, 1.0 / overflow_scale, low_field, high_field,
+                int(fmt.finite))
+    p = _general_params(fmt, rounding)
+    return (4, mode, key, int(fmt.man > 21), p.limit, p.low_field, p.high_field, p.offset, p.overflow_scale,
+            1.0 / p.overflow_scale, *p.inf_scales, int(p.to_inf), int(p.keep_inf))
+
+
+def _run_native(spec: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Round contiguous float32 ``x`` into ``y`` with the C kernel ``spec`` describes."""
+    src, dst = x.data_ptr(), y.data_ptr()
+    in_pieces(lambda start, count: _kernels.quantize(src + 4 * start, dst + 4 * start, count, spec, start), x.numel())
+
+
+def _absmax_value(x: torch.Tensor) -> float:
+    """``max |x|`` of a contiguous float32 CPU tensor (NaN if x holds one; 0 if it is empty)."""
+    if x.numel() == 0:
+        return 0.0
+    if _kernels is None:
+        low, high = torch.aminmax(x)
+        return float(torch.maximum(-low, high))  # one pass, no |x| temporary
+    src = x.data_ptr()
+    maxima = in_pieces(lambda start, count: _kernels.absmax(src + 4 * start, count), x.numel())
+    return max(maxima, key=lambda m: (math.isnan(m), m))
+
+
+def in_pieces(job: Callable[[int, int], object], n: int) -> list:
+    """``job(start, count)`` over ``range(n)``: in one call, or in one piece per thread of
+    torch's thread count when n is large (the native kernels release the GIL)."""
+    global _pool
+    threads = torch.get_num_threads()
+    if threads == 1 or n < 2 * _PIECE:
+        return [job(0, n)] if n else []
+    if _pool is None or _pool[0] != threads:
+        _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lpcli-quantize"))
+    piece = -(-n // threads)
+    piece += -piece % 64  # whole cache lines
+    jobs = [_pool[1].submit(job, start, min(piece, n - start)) for start in range(0, n, piece)]
+    # Every piece finishes before this returns, even on Ctrl-C: the jobs write into memory
+    # that the caller may free as soon as it sees the exception.
+    interrupted = None
+    while True:
+        try:
+            results = [j.result() for j in jobs]
+            break
+        except KeyboardInterrupt as stop:
+            interrupted = stop
+    if interrupted is not None:
+        raise interrupted
+    return results
 
 
 def saturated(x: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -726,6 +891,5 @@ def lsb(fmt: Format, value: float = 1.0) -> float:
         exponent = max(math.frexp(abs(value))[1] - 1, fmt.emin) if value else fmt.emin
         return math.ldexp(1.0, exponent - fmt.man)
     if isinstance(fmt, DynamicFixedPoint):
-        frac = fmt.frac_for(torch.tensor(abs(value), dtype=torch.float32))
-        return 2.0 ** -int(frac)
+        return 2.0 ** -fmt.frac_of(abs(value))
     return math.ulp(value) if value else fmt.step

@@ -48,15 +48,19 @@ group, from :meth:`KahanSGD.diagnostics`:
 
 Counters accumulate in tensors (no host synchronisation per step).
 
-Paths, bit-identical by construction and by test: ``foreach=True`` runs each operation
-over all of a group's tensors with ``torch._foreach_*`` (the default on CUDA, where it
-saves kernel launches); ``foreach=False`` runs the same operations tensor by tensor (the
-default on the CPU, where it is 3x faster: each tensor's temporaries stay in cache).
-``compile=True`` fuses the step of each tensor into one loop with ``torch.compile``
-(tensors of 4096 elements and more; fixed point with nearest rounding up to 23 bits,
-bf16, fp16, fp32; other formats, stochastic rounding and small tensors take the eager
-path, with the same bits); if compilation fails the optimizer warns and stays eager.
-Compilation takes seconds per kind of group, once.
+Paths, bit-identical by construction and by test: on the CPU by default (``foreach=None``)
+the step runs in C (lpcli/_kernels.c: the operations below, in blocks of 128 elements
+that stay in the L1 cache, so one pass over memory per tensor), where the kernels are
+built and the formats allow (not stochastic rounding, not dynamic fixed point; those
+take the per-tensor path). ``foreach=True`` runs each operation over all of a group's
+tensors with ``torch._foreach_*`` (the default on CUDA, where it saves kernel launches);
+``foreach=False`` runs the same operations tensor by tensor with torch (the readable
+definition the others are tested against). ``compile=True`` fuses the step of each
+tensor into one loop with ``torch.compile`` (tensors of 4096 elements and more; fixed
+point with nearest rounding up to 23 bits, bf16, fp16, fp32; other formats, stochastic
+rounding and small tensors take the eager path, with the same bits); if compilation
+fails the optimizer warns and stays eager. Compilation takes seconds per kind of group,
+once.
 """
 
 from __future__ import annotations
@@ -69,7 +73,18 @@ from typing import Any
 
 import torch
 
-from .formats import FixedPoint, Float32, FloatFormat, Format, parse_format, quantize, saturated
+from . import formats
+from .formats import (
+    FixedPoint,
+    Float32,
+    FloatFormat,
+    Format,
+    in_pieces,
+    native_spec,
+    parse_format,
+    quantize,
+    saturated,
+)
 
 MODES = ("kahan", "plain", "stochastic")
 
@@ -102,8 +117,9 @@ class KahanSGD(torch.optim.Optimizer):
         mode: ``"kahan"`` (default), ``"plain"`` or ``"stochastic"`` (see the module).
         momentum_format: format of the momentum buffer; None keeps it in float32.
         diagnostics: count lost updates and keep the sums behind the lost update mass.
-        foreach: use ``torch._foreach_*`` over a group's tensors (else tensor by tensor);
-            None picks foreach for CUDA tensors only.
+        foreach: True: ``torch._foreach_*`` over a group's tensors; False: torch operations
+            tensor by tensor; None (default): foreach on CUDA, the C step on the CPU (the
+            per-tensor path where it does not apply).
         compile: fuse each tensor's step with ``torch.compile`` where the formats allow.
         seed, generator: the random source of stochastic rounding (a generator wins; with
             neither, a seed is drawn from torch's global generator). Its state is part of
@@ -227,6 +243,10 @@ class KahanSGD(torch.optim.Optimizer):
                         _fused_tensor(fused, p, state, group, cache, self.diagnostics_on)
             elif self.foreach or (self.foreach is None and params[0].is_cuda):
                 _foreach_step(params, states, group, self.diagnostics_on, self.generator)
+            elif self.foreach is None and (specs := _native_specs(group)) is not None:
+                for p, state in zip(params, states, strict=True):
+                    if not _native_step(p, state, group, self.diagnostics_on, specs):
+                        _single_step(p, state, group, self.diagnostics_on, self.generator)
             else:
                 for p, state in zip(params, states, strict=True):
                     _single_step(p, state, group, self.diagnostics_on, self.generator)
@@ -383,6 +403,55 @@ def _foreach_step(params: list[torch.Tensor], states: list[dict[str, Any]], grou
     if diag:
         torch._foreach_add_([s["intended"] for s in states], u)
     torch._foreach_copy_(ws, t)
+
+
+# --- C path ----------------------------------------------------------------------------------
+#
+# lpcli/_kernels.c carries _single_step over in C, operation for operation and with the same
+# quantizers as formats.quantize, in blocks that stay in cache: one pass over memory per
+# tensor. The default on the CPU where the kernels are built; stochastic rounding and
+# dynamic fixed point take the eager path.
+
+_KAHAN, _FLOAT_C, _MOMENTUM, _NESTEROV, _DECAY, _DIAG = 1, 2, 4, 8, 16, 32
+
+
+def _native_specs(group: dict[str, Any]) -> tuple[tuple, tuple, tuple] | None:
+    """The C kernels' specs of the weight, compensation and momentum formats, or None."""
+    if group["mode"] == "stochastic":
+        return None
+    specs = tuple(native_spec(group[key]) for key in ("weight_format", "comp_format", "momentum_format"))
+    return None if None in specs else specs
+
+
+def _native_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], diag: bool,
+                 specs: tuple[tuple, tuple, tuple]) -> bool:
+    """One tensor's step in C; False (nothing done) where the tensors do not suit it."""
+    w, g = p.detach(), p.grad.detach()
+    if not (w.device.type == "cpu" and w.dtype == g.dtype == torch.float32 and w.is_contiguous()
+            and g.is_contiguous()):
+        return False
+    kahan = group["mode"] == "kahan"
+    flags = ((_KAHAN if kahan else 0) | (_FLOAT_C if kahan and isinstance(group["comp_format"], FloatFormat) else 0)
+             | (_MOMENTUM if group["momentum"] else 0) | (_NESTEROV if group["nesterov"] else 0)
+             | (_DECAY if group["weight_decay"] else 0) | (_DIAG if diag else 0))
+    addresses = [t.data_ptr() for t in (w, g)]
+    addresses += [state[key].data_ptr() if key in state else 0 for key in ("momentum_buffer", "compensation")]
+    addresses += [state["intended"].data_ptr() if diag else 0]
+    wspec, cspec, mspec = specs
+
+    def run(start: int, count: int) -> tuple[int, int]:
+        at = [a + 4 * start if a else 0 for a in addresses]
+        return formats._kernels.step(*at, count, group["lr"], group["momentum"], group["weight_decay"], flags,
+                             wspec, cspec, mspec)
+
+    counts = in_pieces(run, w.numel())
+    if diag:
+        moved, lost = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        state["step_moved"].fill_(moved)
+        state["step_lost"].fill_(lost)
+        state["moved"].add_(moved)
+        state["lost"].add_(lost)
+    return True
 
 
 # --- compiled path ---------------------------------------------------------------------------

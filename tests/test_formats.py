@@ -11,7 +11,9 @@ are listed in the module docstring of lpcli.formats and tested one by one here.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -65,6 +67,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on the fused C kernels and on the torch kernels."""
+    if request.param == "torch":
+        monkeypatch.setattr(formats, "_kernels", None)
+    elif formats._kernels is None:
+        pytest.skip("the C kernels are not built (no C compiler at install, or LPCLI_KERNELS=torch)")
+    return request.param
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -181,7 +193,7 @@ def test_torch_cast_formats_bitexact(name: str) -> None:
     x = torch.cat([random_for_float(fmt, 1), float_edges(fmt)])
     x_finite_range = x.clamp(-fmt.max_value, fmt.max_value) if fmt.finite else x
     expected = x_finite_range.to(TORCH_DTYPES[name]).float()
-    uses_cast = formats._native_dtype(fmt) is not None
+    uses_cast = formats._cast_dtype(fmt) is not None
     assert uses_cast == (name in ("fp16", "bf16"))  # fp8 casts are slower than the general path
     assert_bitexact(quantize(x, name), expected, x)
     assert_bitexact(general_path(x, fmt), expected, x)
@@ -189,7 +201,7 @@ def test_torch_cast_formats_bitexact(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_quantize_without_native_cast_is_bitexact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "_native_dtype", lambda fmt: None)
+    monkeypatch.setattr(formats, "_cast_dtype", lambda fmt: None)
     x = torch.cat([random_for_float(parse_format(name), 2), float_edges(parse_format(name))])
     assert_bitexact(quantize(x, name), x.to(TORCH_DTYPES[name]).float(), x)
 
@@ -374,6 +386,17 @@ def expected_frac(absmax: float, width: int) -> int:
     return frac
 
 
+@pytest.mark.parametrize("width", [2, 3, 8, 24])
+def test_scalar_and_tensor_frac_agree_everywhere(width: int) -> None:
+    """frac_of (CPU, Python floats) and frac_for (tensors, any device) on every binade of
+    float32 and at its specials, including maxima where F hits its limits."""
+    fmt = DynamicFixedPoint(width)
+    values = [math.ldexp(m, e) for e in range(-149, 128) for m in (0.5, 0.75, math.nextafter(1.0, 0.0))]
+    values = [float(v) for v in f32(values + [0.0, INF, NAN, 3.4028234663852886e38, 1e-45])]
+    tensor = fmt.frac_for(f32(values))
+    assert [fmt.frac_of(v) for v in values] == [int(f) for f in tensor]
+
+
 @pytest.mark.parametrize("width", [2, 3, 8, 12, 16, 24])
 def test_dynamic_fixed_point_picks_the_largest_frac_that_holds_absmax(width: int) -> None:
     qmax = 2 ** (width - 1) - 1
@@ -387,6 +410,7 @@ def test_dynamic_fixed_point_picks_the_largest_frac_that_holds_absmax(width: int
         absmax = float(x.abs().max())
         frac = expected_frac(absmax, width)
         assert int(DynamicFixedPoint(width).frac_for(torch.tensor(absmax))) == frac
+        assert DynamicFixedPoint(width).frac_of(absmax) == frac
         q = quantize(x, f"dfx{width}")
         assert_bitexact(q, quantize(x, FixedPoint(width, frac)), x)
         assert_bitexact(q, fake_quant(x, width, frac), x)
@@ -607,8 +631,9 @@ def test_inputs_that_require_grad() -> None:
 
 
 @pytest.mark.parametrize("rounding", formats.ROUNDINGS)
-def test_fixed_kernel_with_a_tensor_frac_as_on_an_accelerator(rounding: str) -> None:
+def test_fixed_kernel_with_a_tensor_frac_as_on_an_accelerator(rounding: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Off the CPU, dynamic fixed point keeps F as a 0-d tensor to avoid a device sync.
+    monkeypatch.setattr(formats, "_kernels", None)  # the torch kernels' random stream
     x = torch.cat([random_bits(10_000, -8, 6, 12), f32([NAN, INF, -INF, -0.0])])
     for width, frac in [(8, 4), (24, -3), (6, 9)]:
         expected = quantize(x, FixedPoint(width, frac), rounding, gen(3))
@@ -616,3 +641,96 @@ def test_fixed_kernel_with_a_tensor_frac_as_on_an_accelerator(rounding: str) -> 
         kernel = formats._fixed_kernel(width, torch.tensor(float(frac)), rounding, gen(3))
         formats._apply(kernel, x, y)
         assert_bitexact(y, expected, x)
+
+
+# --- the C kernels against the torch kernels -------------------------------------------------
+
+
+NATIVE_CHECKED = [
+    "fx2.0", "fx8.4", "fx16.8", "fx23.3", "fx24.12", "fx24.-64", "fx12.100", "fx4.-3", "dfx8", "dfx24",
+    "fp16", "bf16", "fp8-e4m3", "fp8-e5m2", "fp6-e2m3", "fp6-e3m2", "fp4-e2m1", "e3m4", "e8m3", "e8m0",
+    "e8m22", "e5m22", "e4m23", "e7m22fn", "e2m0fn", "e1m0fn", "e1m2fn", "e7m21", "e3m21fn", "e6m0",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "zero"])
+def test_c_kernels_agree_with_torch_kernels_bit_for_bit(rounding: str, backend: str) -> None:
+    if backend == "torch":
+        pytest.skip("compares the two backends")
+    bits = torch.randint(-(2**31), 2**31 - 1, (N // 4,), dtype=torch.int32, generator=gen(20))
+    x = torch.cat([bits.view(torch.float32), random_bits(N // 4, -30, 30, 21),
+                   f32([0.0, -0.0, INF, -INF, NAN, 1e38, -1e38, 3e-45, -3e-45, 0.5, 1.5, 2.5, -2.5])])
+    for name in NATIVE_CHECKED:
+        native = quantize(x, name, rounding)
+        kernels, formats._kernels = formats._kernels, None
+        try:
+            reference = quantize(x, name, rounding)
+        finally:
+            formats._kernels = kernels
+        assert_bitexact(native, reference, x)
+
+
+def test_c_kernels_give_the_same_bits_in_pieces_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.cat([random_bits(10_000, -20, 10, 22), f32([NAN, INF, -0.0])])
+    for name in ("fx8.4", "fx24.6", "fp8-e5m2", "bf16", "e8m3", "e5m22"):
+        for rounding in formats.ROUNDINGS:
+            whole = quantize(x, name, rounding, gen(1))
+            monkeypatch.setattr(formats, "_PIECE", 1000)
+            torch.set_num_threads(3)
+            try:
+                pieces = quantize(x, name, rounding, gen(1))
+            finally:
+                torch.set_num_threads(1)
+                monkeypatch.undo()
+            assert_bitexact(pieces, whole, x)
+
+
+def test_c_kernels_are_built_where_a_compiler_is() -> None:
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here: the torch kernels run")
+    assert importlib.util.find_spec("lpcli._kernels") is not None, "build them: pip install -e ."
+
+
+def test_c_kernels_on_a_large_output_at_an_odd_offset(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Over 2^20 elements into an output 4 bytes past an alignment boundary: the same bits as
+    the torch kernels, and the same random stream as smaller calls in pieces."""
+    if backend == "torch":
+        pytest.skip("compares the two backends")
+    x = torch.cat([random_bits((1 << 20) + 77, -20, 10, 23), f32([NAN, INF, -0.0, 1e38])])
+    buffer = torch.empty(x.numel() + 1)
+    out = buffer[1:]  # 4 bytes past a 64-byte boundary
+    for name in ("fx8.4", "dfx8", "fp8-e4m3", "bf16", "e5m22"):
+        for rounding in ("nearest", "zero"):
+            quantize(x, name, rounding, out=out)
+            monkeypatch.setattr(formats, "_kernels", None)
+            reference = quantize(x, name, rounding)
+            monkeypatch.undo()
+            assert_bitexact(out, reference, x)
+        quantize(x, name, "stochastic", gen(3), out=out)
+        monkeypatch.setattr(formats, "_PIECE", 1000)
+        torch.set_num_threads(4)  # pieces of about 2^18 elements, below the streaming size
+        try:
+            pieces = quantize(x, name, "stochastic", gen(3))
+        finally:
+            torch.set_num_threads(1)
+            monkeypatch.undo()
+        assert_bitexact(out, pieces, x)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_absmax_matches_torch_with_nan_inf_and_signed_zero(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "_PIECE", 1000)
+    torch.set_num_threads(threads)
+    try:
+        x = random_bits(10_001, -30, 30, 24)
+        assert formats._absmax_value(x) == x.abs().max().item()
+        assert formats._absmax_value(f32([-0.0, 0.0])) == 0.0
+        assert formats._absmax_value(f32([])) == 0.0
+        for position in (0, 5_000, 10_000):
+            special = x.clone()
+            special[position] = -INF
+            assert formats._absmax_value(special) == INF
+            special[position] = NAN
+            assert math.isnan(formats._absmax_value(special))
+    finally:
+        torch.set_num_threads(1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lpcli import formats
 from lpcli.formats import FixedPoint, parse_format
 from lpcli.optim import KahanSGD, compensation_format
 
@@ -57,7 +58,8 @@ def reference_run(w0, grads, lr, momentum, decay, wf, cf, kahan, nesterov=False,
     (0.9, 1e-3, True, None), (0.9, 0.0, False, "fx12.8"), (0.9, 1e-3, True, "fx10.7"),
 ])
 @pytest.mark.parametrize("fmt", ["fx8.7", "fx12.10", "fx6.3"])
-def test_fixed_point_trajectory_matches_float64_reference(kahan, momentum, decay, nesterov, mf, fmt):
+@pytest.mark.parametrize("foreach", [None, False])  # the C step (where built) and the per-tensor torch step
+def test_fixed_point_trajectory_matches_float64_reference(kahan, momentum, decay, nesterov, mf, fmt, foreach):
     rng = np.random.default_rng(7)
     w0 = rng.normal(0, 0.3, size=(64, 33)).astype(np.float32)
     grads = [rng.normal(0, 0.05, size=w0.shape).astype(np.float32) for _ in range(200)]
@@ -66,7 +68,7 @@ def test_fixed_point_trajectory_matches_float64_reference(kahan, momentum, decay
     lr = 0.01
     p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
     opt = KahanSGD([p], lr=lr, momentum=momentum, weight_decay=decay, weight_format=wf, kahan=kahan,
-                   nesterov=nesterov, momentum_format=mf)
+                   nesterov=nesterov, momentum_format=mf, foreach=foreach)
     for g in grads:
         p.grad = torch.from_numpy(g)
         opt.step()
@@ -139,7 +141,7 @@ def test_rejects_bad_hyperparameters():
 
 
 @pytest.mark.filterwarnings("ignore:Parameter `foreach` is deprecated")
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("foreach", [True, False, None])
 @pytest.mark.parametrize("momentum", [0.0, 0.875])
 def test_bf16_kahan_bit_identical_to_torch_optimi(momentum, foreach):
     """optimi's SGD(kahan_sum=True) on bf16 parameters, 200 steps, against ours on float32
@@ -155,7 +157,7 @@ def test_bf16_kahan_bit_identical_to_torch_optimi(momentum, foreach):
     w0 = (torch.randn(64, 47, generator=gen) * 0.5).bfloat16()
     theirs = torch.nn.Parameter(w0.clone())
     ours = torch.nn.Parameter(w0.float())
-    ref = optimi.SGD([theirs], lr=0.0625, momentum=momentum, kahan_sum=True, foreach=foreach)
+    ref = optimi.SGD([theirs], lr=0.0625, momentum=momentum, kahan_sum=True, foreach=bool(foreach))
     opt = KahanSGD([ours], lr=0.0625, momentum=momentum, weight_format="bf16", foreach=foreach,
                    momentum_format="bf16" if momentum else None)
     for _ in range(200):
@@ -182,9 +184,9 @@ def _run(fmt, mode, steps=30, foreach=True, momentum_format=None, split=None, **
     torch.manual_seed(3)
     params = [torch.nn.Parameter(torch.randn(s) * 0.4) for s in SHAPES]
     grads = [[torch.randn(s) * 0.05 for s in SHAPES] for _ in range(steps)]
-    make = lambda ps: KahanSGD(ps, lr=0.01, momentum=0.9, weight_decay=1e-3, nesterov=True,  # noqa: E731
-                               weight_format=fmt, mode=mode, momentum_format=momentum_format, seed=5,
-                               foreach=foreach, **kwargs)
+    options = dict(lr=0.01, momentum=0.9, weight_decay=1e-3, nesterov=True, weight_format=fmt, mode=mode,
+                   momentum_format=momentum_format, seed=5, foreach=foreach) | kwargs
+    make = lambda ps: KahanSGD(ps, **options)  # noqa: E731
     opt = make(params)
     for i, gs in enumerate(grads):
         if split is not None and i == split:
@@ -215,6 +217,42 @@ def _same(a, b):
 def test_foreach_and_per_tensor_paths_are_bit_identical(fmt, mode):
     mf = {"fx10.6": "fx12.8", "bf16": "bf16", "dfx8": "dfx10"}.get(fmt)
     _same(_run(fmt, mode, foreach=True, momentum_format=mf), _run(fmt, mode, foreach=False, momentum_format=mf))
+
+
+NATIVE_FORMATS = ["fx10.6", "fx24.20", "bf16", "fp16", "fp8-e4m3", "e5m22", "e8m3", "fp32"]
+
+
+@pytest.mark.parametrize("momentum_format", [None, "fx12.8", "bf16"])
+@pytest.mark.parametrize("mode", ["kahan", "plain"])
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS)
+def test_c_step_and_per_tensor_step_are_bit_identical(fmt, mode, momentum_format):
+    if formats._kernels is None:
+        pytest.skip("the C kernels are not built")
+    _same(_run(fmt, mode, foreach=None, momentum_format=momentum_format),
+          _run(fmt, mode, foreach=False, momentum_format=momentum_format))
+
+
+@pytest.mark.parametrize("options", [{}, {"nesterov": False}, {"weight_decay": 0.0},
+                                     {"momentum": 0.0, "nesterov": False}, {"diagnostics": False},
+                                     {"comp_format": "fx10.14"}])
+def test_c_step_covers_each_option(options):
+    if formats._kernels is None:
+        pytest.skip("the C kernels are not built")
+    _same(_run("fx10.6", "kahan", foreach=None, **options), _run("fx10.6", "kahan", foreach=False, **options))
+
+
+def test_c_step_in_pieces_on_several_threads(monkeypatch):
+    if formats._kernels is None:
+        pytest.skip("the C kernels are not built")
+    whole = _run("bf16", "kahan", foreach=None, momentum_format="bf16")
+    monkeypatch.setattr(formats, "_PIECE", 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        pieces = _run("bf16", "kahan", foreach=None, momentum_format="bf16")
+    finally:
+        torch.set_num_threads(threads)
+    _same(whole, pieces)
 
 
 @pytest.mark.parametrize("mode", ["kahan", "stochastic"])

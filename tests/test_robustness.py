@@ -67,7 +67,12 @@ def test_sigint_keeps_the_previous_file_and_exits_130(tmp_path):
     out = tmp_path / "report.json"
     out.write_text('{"previous": true}\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "lpcli", "train-check", str(path), "-o", str(out)],
+    # The child starts with Python's own Ctrl-C handler: it inherits an ignored SIGINT when the
+    # fork happens while another thread of this process ignores SIGINT and SIGQUIT for a moment
+    # (as C's system() does), which was seen in full runs (the child's SigIgn had both set).
+    launch = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "runpy.run_module('lpcli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launch, "train-check", str(path), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     time.sleep(8.0)  # imports, data, analysis and plan take a few seconds; the training far longer
     assert proc.poll() is None, proc.communicate()

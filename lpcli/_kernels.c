@@ -1,0 +1,555 @@
+/* Fused CPU kernels for lpcli: the quantizers of formats.py in one pass over memory.
+ *
+ * Each kernel performs, element by element, the same IEEE operations in the same order
+ * as the torch kernel it replaces in formats.py (clamps, magic-number additions, exact
+ * power-of-two scalings, integer arithmetic on float32 bit patterns), so the results
+ * agree bit for bit; tests/test_formats.py checks both against the oracles and against
+ * each other. The build disables contraction (-ffp-contract=off): a fused multiply-add
+ * would round differently.
+ *
+ * Stochastic rounding draws its random numbers from a counter-based hash of
+ * (key, element index) instead of torch's generator: the key comes from the caller's
+ * torch.Generator (one draw per call), so a seed still fixes every result, and any
+ * split of the tensor into pieces gives the same numbers.
+ *
+ * The module takes raw addresses from Python (tensor.data_ptr()); formats.py checks
+ * dtype, contiguity, device and size before calling. The GIL is released while a
+ * kernel runs so that pieces of one tensor can run on several threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+enum { NEAREST = 0, ZERO = 1, STOCHASTIC = 2 };
+
+/* Bit casts between floats and their patterns. */
+#define BIT_CAST(name, To, From)                                                          \
+    static inline To name(From v) {                                                       \
+        To r;                                                                             \
+        memcpy(&r, &v, sizeof r);                                                         \
+        return r;                                                                         \
+    }
+BIT_CAST(bits_of, uint32_t, float)
+BIT_CAST(float_of, float, uint32_t)
+BIT_CAST(bits_of_double, uint64_t, double)
+BIT_CAST(double_of, double, uint64_t)
+
+/* 32-bit finalizer with low bias (C. Wellons' "lowbias32"); two rounds over the key and
+ * the 64-bit element index. The high half of the index is constant over a loop (see
+ * FOR_RANDOM), so it arrives already mixed with the key as `high`. */
+static inline uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x7feb352dU;
+    h ^= h >> 15;
+    h *= 0x846ca68bU;
+    h ^= h >> 16;
+    return h;
+}
+
+static inline uint32_t random32(uint32_t key0, uint32_t high, uint32_t index_low) {
+    return mix32(mix32(index_low ^ key0) + high);
+}
+
+/* Uniform on the multiples of 2^-24 in [0, 1), as torch's float32 uniform_. */
+static inline float uniform24(uint32_t r) { return (float)(int32_t)(r >> 8) * 0x1p-24f; }
+
+static inline float clampf(float v, float lo, float hi) {
+    /* NaN fails both comparisons and passes through, as torch.clamp */
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+static inline double clampd(double v, double lo, double hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static inline int is_nan_bits(uint32_t bits) { return (bits & 0x7fffffffU) > 0x7f800000U; }
+
+/* The loops below are written once per rounding mode and flag (the flags are constants
+ * after inlining) so that each one is branch-free and the compiler vectorizes it.
+ *
+ * FOR_EACH(expr): y[i] = expr for every element, with xi = x[i].
+ * FOR_RANDOM(expr): the same with r = random32(...) of the element's global index
+ * (offset + i); the loop is split where the index's high half changes. */
+#define FOR_EACH(expr)                                                                    \
+    for (int64_t i = 0; i < n; i++) {                                                     \
+        const float xi = x[i];                                                            \
+        y[i] = (expr);                                                                    \
+    }
+
+#define FOR_RANDOM(expr)                                                                  \
+    for (int64_t done = 0; done < n;) {                                                   \
+        const uint64_t first = offset + (uint64_t)done;                                   \
+        const uint32_t low = (uint32_t)first, high = (uint32_t)(first >> 32) ^ key1;      \
+        const uint64_t room = (1ULL << 32) - low;                                         \
+        const int64_t m = (uint64_t)(n - done) < room ? n - done : (int64_t)room;         \
+        const float *restrict xs = x + done;                                              \
+        float *restrict ys = y + done;                                                    \
+        for (int64_t i = 0; i < m; i++) {                                                 \
+            const float xi = xs[i];                                                       \
+            const uint32_t r = random32(key0, high, low + (uint32_t)i);                   \
+            ys[i] = (expr);                                                               \
+        }                                                                                 \
+        done += m;                                                                        \
+    }
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* --- fixed point ------------------------------------------------------------------ */
+
+typedef struct {
+    float lo, hi, step, scale;
+    int mode, saturate;
+    uint32_t key0, key1;
+} FixedArgs;
+
+/* round(clamp(x) * 2^F) * 2^-F; "+ 0.0f" turns -0.0 into +0.0 */
+ALWAYS_INLINE float fixed_nearest(float xi, float lo, float hi, float scale, float step, int saturate) {
+    return rintf((saturate ? clampf(xi, lo, hi) : xi) * scale) * step + 0.0f;
+}
+
+ALWAYS_INLINE float fixed_zero(float xi, float lo, float hi, float scale, float step, int saturate) {
+    return truncf((saturate ? clampf(xi, lo, hi) : xi) * scale) * step + 0.0f;
+}
+
+ALWAYS_INLINE float fixed_stochastic(float xi, float lo, float hi, float scale, float step, int saturate,
+                                     uint32_t r) {
+    const float v = (saturate ? clampf(xi, lo, hi) : xi) * scale;
+    const float f = floorf(v);
+    return (f + (uniform24(r) < v - f ? 1.0f : 0.0f)) * step + 0.0f;
+}
+
+MULTIVERSION
+static void fixed_run(const float *restrict x, float *restrict y, int64_t n, const void *args,
+                      uint64_t offset) {
+    const FixedArgs *a = args;
+    const float lo = a->lo, hi = a->hi, step = a->step, scale = a->scale;
+    const uint32_t key0 = a->key0, key1 = a->key1;
+    if (a->mode == NEAREST) {
+        if (a->saturate) FOR_EACH(fixed_nearest(xi, lo, hi, scale, step, 1))
+        else FOR_EACH(fixed_nearest(xi, lo, hi, scale, step, 0))
+    } else if (a->mode == ZERO) {
+        if (a->saturate) FOR_EACH(fixed_zero(xi, lo, hi, scale, step, 1))
+        else FOR_EACH(fixed_zero(xi, lo, hi, scale, step, 0))
+    } else {
+        if (a->saturate) FOR_RANDOM(fixed_stochastic(xi, lo, hi, scale, step, 1, r))
+        else FOR_RANDOM(fixed_stochastic(xi, lo, hi, scale, step, 0, r))
+    }
+}
+
+/* --- floats with 8 exponent bits: integer arithmetic on the pattern ----------------- */
+
+typedef struct {
+    int drop, mode;
+    float max_value;
+    uint32_t key0, key1;
+} E8Args;
+
+/* Ties to even on the kept bits; NaN as it came. With no mantissa bit left (drop 23) the
+ * bit that decides a tie is the lowest exponent bit's neighbour: 1 unless zero/subnormal. */
+ALWAYS_INLINE float e8_nearest(float xi, int drop, uint32_t half, uint32_t clear, int whole_mantissa) {
+    const uint32_t bits = bits_of(xi);
+    const uint32_t low = whole_mantissa ? (uint32_t)((bits & 0x7f800000U) != 0) : (bits >> drop) & 1U;
+    const uint32_t out = (bits + low + half) & clear;
+    return float_of(is_nan_bits(bits) ? bits : out);
+}
+
+ALWAYS_INLINE float e8_zero(float xi, uint32_t clear) {
+    const uint32_t bits = bits_of(xi);
+    return float_of(is_nan_bits(bits) ? bits : bits & clear);
+}
+
+/* Add random bits below the kept ones to |x| <= max, then cut; inf and NaN as they came. */
+ALWAYS_INLINE float e8_stochastic(float xi, int drop, uint32_t clear, float max_value, uint32_t r) {
+    const uint32_t bits = bits_of(xi);
+    const uint32_t out = (bits_of(clampf(xi, -max_value, max_value)) + (r >> (32 - drop))) & clear;
+    return float_of((bits & 0x7f800000U) == 0x7f800000U ? bits : out);
+}
+
+MULTIVERSION
+static void e8_run(const float *restrict x, float *restrict y, int64_t n, const void *args,
+                   uint64_t offset) {
+    const E8Args *a = args;
+    const int drop = a->drop;
+    const uint32_t clear = ~((1U << drop) - 1U), half = (1U << (drop - 1)) - 1U;
+    const float max_value = a->max_value;
+    const uint32_t key0 = a->key0, key1 = a->key1;
+    if (a->mode == NEAREST) {
+        if (drop == 23) FOR_EACH(e8_nearest(xi, drop, half, clear, 1))
+        else FOR_EACH(e8_nearest(xi, drop, half, clear, 0))
+    } else if (a->mode == ZERO) {
+        FOR_EACH(e8_zero(xi, clear))
+    } else {
+        FOR_RANDOM(e8_stochastic(xi, drop, clear, max_value, r))
+    }
+}
+
+/* --- floats with E <= 7, M <= 21, nearest: the magic number in float32 -------------- */
+
+typedef struct {
+    float scale, max_value, overflow_scale, overflow_unscale;
+    uint32_t low_field, high_field;
+    int finite;
+} NearestArgs;
+
+ALWAYS_INLINE float float_nearest(float xi, float scale, float max_value, float up, float down,
+                                  uint32_t low_field, uint32_t high_field, int finite) {
+    /* (NaN becomes -max_value here; the result takes xi instead below) */
+    const float above = xi > -max_value ? xi : -max_value;
+    const float src = finite ? (above < max_value ? above : max_value) : xi;
+    uint32_t field = bits_of(src) & 0x7f800000U;
+    field = field < low_field ? low_field : (field > high_field ? high_field : field);
+    const float c = float_of(field) * scale; /* exact: a power of two times 1.5 */
+    float v = copysignf((src + c) - c, xi);
+    if (!finite) v = (v * up) * down;
+    const uint32_t bits = bits_of(xi);
+    return float_of(is_nan_bits(bits) ? bits : bits_of(v));
+}
+
+MULTIVERSION
+static void nearest_run(const float *restrict x, float *restrict y, int64_t n, const void *args,
+                        uint64_t offset) {
+    const NearestArgs *a = args;
+    const float scale = a->scale, max_value = a->max_value;
+    const float up = a->overflow_scale, down = a->overflow_unscale;
+    const uint32_t low_field = a->low_field, high_field = a->high_field;
+    if (a->finite) FOR_EACH(float_nearest(xi, scale, max_value, up, down, low_field, high_field, 1))
+    else FOR_EACH(float_nearest(xi, scale, max_value, up, down, low_field, high_field, 0))
+}
+
+/* --- floats with E <= 7, any rounding: exponent arithmetic ------------------------------ */
+
+/* The parameters as formats._general_params gives them (float32 layout for M <= 21,
+ * float64 layout for M >= 22). */
+typedef struct {
+    double limit;
+    int64_t low_field, high_field, offset_field;
+    double overflow_scale, overflow_unscale, inf_scale1, inf_scale2;
+    int mode, to_inf, keep_inf;
+    uint32_t key0, key1;
+} GeneralArgs;
+
+/* GENERAL_ONE defines the element function in the working float T (float32 for M <= 21:
+ * twice the vector width; float64 for M >= 22, where every step is exact for float32
+ * inputs): round |x| (clamped) on the grid of its binade, restore the sign, then the
+ * overflow and inf fix-ups of formats._general_kernel. */
+#define GENERAL_ONE(name, T, UINT, INT, to_bits, from_bits, EXP_MASK, TRUNC, FLOOR, COPYSIGN)                  \
+    typedef struct {                                                                                        \
+        T limit, up, down, s1, s2;                                                                          \
+        INT low_field, high_field, offset_field;                                                            \
+    } name##_params;                                                                                        \
+    ALWAYS_INLINE float name(float x, const name##_params *g, int mode, int to_inf, int keep_inf, uint32_t r) { \
+        const T src = (T)x;                                                                                 \
+        const T clamped = src < -g->limit ? -g->limit : (src > g->limit ? g->limit : src);                  \
+        INT field = (INT)(to_bits(clamped) & EXP_MASK);                                                     \
+        field = field < g->low_field ? g->low_field : (field > g->high_field ? g->high_field : field);      \
+        const T grid = from_bits((UINT)(field + g->offset_field));                                          \
+        T w;                                                                                                \
+        if (mode == NEAREST) {                                                                              \
+            w = (clamped + grid) - grid;                                                                    \
+        } else if (mode == ZERO) {                                                                          \
+            w = TRUNC(clamped / grid) * grid;                                                               \
+        } else {                                                                                            \
+            const T q = clamped / grid, f = FLOOR(q);                                                       \
+            w = (f + ((T)uniform24(r) < q - f ? (T)1 : (T)0)) * grid;                                       \
+        }                                                                                                   \
+        w = COPYSIGN(w, src);                                                                               \
+        if (to_inf) w = (w * g->up) * g->down;                                                              \
+        if (keep_inf) w = w - ((clamped - src) * g->s1) * g->s2;                                            \
+        return (float)w;                                                                                    \
+    }
+
+GENERAL_ONE(general32_one, float, uint32_t, int32_t, bits_of, float_of, 0x7f800000U, truncf, floorf, copysignf)
+GENERAL_ONE(general64_one, double, uint64_t, int64_t, bits_of_double, double_of, 0x7ff0000000000000ULL, trunc, floor,
+            copysign)
+
+/* One loop per rounding mode and flag, over an element function and its parameters g. */
+#define GENERAL_LOOPS(one)                                                                  \
+    const uint32_t key0 = a->key0, key1 = a->key1, r = 0;                                   \
+    if (a->mode == NEAREST) {                                                               \
+        if (a->to_inf) FOR_EACH(one(xi, &g, NEAREST, 1, 0, r))                              \
+        else FOR_EACH(one(xi, &g, NEAREST, 0, 0, r))                                        \
+    } else if (a->mode == ZERO) {                                                           \
+        if (a->keep_inf) FOR_EACH(one(xi, &g, ZERO, 0, 1, r))                               \
+        else FOR_EACH(one(xi, &g, ZERO, 0, 0, r))                                           \
+    } else {                                                                                \
+        if (a->keep_inf) FOR_RANDOM(one(xi, &g, STOCHASTIC, 0, 1, r))                       \
+        else FOR_RANDOM(one(xi, &g, STOCHASTIC, 0, 0, r))                                   \
+    }
+
+MULTIVERSION
+static void general32_run(const float *restrict x, float *restrict y, int64_t n, const void *args,
+                          uint64_t offset) {
+    const GeneralArgs *a = args;
+    const general32_one_params g = {(float)a->limit,      (float)a->overflow_scale, (float)a->overflow_unscale,
+                                    (float)a->inf_scale1, (float)a->inf_scale2,     (int32_t)a->low_field,
+                                    (int32_t)a->high_field, (int32_t)a->offset_field};
+    GENERAL_LOOPS(general32_one)
+}
+
+MULTIVERSION
+static void general64_run(const float *restrict x, float *restrict y, int64_t n, const void *args,
+                          uint64_t offset) {
+    const GeneralArgs *a = args;
+    const general64_one_params g = {a->limit,      a->overflow_scale, a->overflow_unscale, a->inf_scale1,
+                                    a->inf_scale2, a->low_field,      a->high_field,       a->offset_field};
+    GENERAL_LOOPS(general64_one)
+}
+
+/* --- the largest magnitude (dynamic fixed point) -------------------------------------- */
+
+/* The largest |x| as a float (a NaN if x holds one), from the bit patterns: for the
+ * magnitudes of floats, integer order is numeric order, and NaNs lie above inf. */
+MULTIVERSION
+static uint32_t absmax_bits(const float *restrict x, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t b = bits_of(x[i]) & 0x7fffffffU;
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+/* --- a quantizer chosen at run time --------------------------------------------------- */
+
+typedef void (*RunFn)(const float *restrict, float *restrict, int64_t, const void *, uint64_t);
+
+typedef struct {
+    RunFn run; /* NULL: float32, nothing to round */
+    union {
+        FixedArgs fixed;
+        E8Args e8;
+        NearestArgs nearest;
+        GeneralArgs general;
+    } args;
+} Quantizer;
+
+enum { KIND_FP32 = 0, KIND_FIXED = 1, KIND_E8 = 2, KIND_NEAREST = 3, KIND_GENERAL = 4 };
+
+static void quantize_block(const Quantizer *q, const float *restrict x, float *restrict y, int64_t n,
+                           uint64_t offset) {
+    if (q->run)
+        q->run(x, y, n, &q->args, offset);
+    else
+        memcpy(y, x, (size_t)n * sizeof(float));
+}
+
+/* --- one step of SGD on quantized weights (lpcli/optim.py) ------------------------------ */
+
+enum { STEP_KAHAN = 1, STEP_FLOAT_C = 2, STEP_MOMENTUM = 4, STEP_NESTEROV = 8, STEP_DECAY = 16, STEP_DIAG = 32 };
+#define STEP_BLOCK 128 /* elements: measured fastest of 32..2048 (benchmarks/optim.py) */
+
+typedef struct {
+    float *w, *m, *c, *intended;
+    const float *g;
+    float lr, momentum, decay;
+    int flags;
+    Quantizer wq, cq, mq;
+} Step;
+
+/* optim._single_step, operation for operation, over blocks that stay in the L1 cache: one
+ * pass over memory instead of one per operation. Each quantizer reads a scratch buffer and
+ * writes the destination (never in place). Returns the updates with u != 0 (moved) and
+ * those among them that left the weight unchanged (lost). */
+MULTIVERSION
+static void step_run(const Step *st, int64_t n, int64_t *moved_out, int64_t *lost_out) {
+    float d[STEP_BLOCK], u[STEP_BLOCK], y[STEP_BLOCK], t[STEP_BLOCK], s[STEP_BLOCK];
+    const int flags = st->flags;
+    const float neg_lr = -st->lr, momentum = st->momentum, decay = st->decay;
+    int64_t moved = 0, lost = 0;
+    for (int64_t start = 0; start < n; start += STEP_BLOCK) {
+        const int64_t k = n - start < STEP_BLOCK ? n - start : STEP_BLOCK;
+        float *restrict w = st->w + start;
+        const float *restrict g = st->g + start;
+        const float *dir = g;
+        if (flags & STEP_DECAY) {
+            for (int64_t i = 0; i < k; i++) d[i] = g[i] + w[i] * decay;
+            dir = d;
+        }
+        if (flags & STEP_MOMENTUM) {
+            float *restrict m = st->m + start;
+            for (int64_t i = 0; i < k; i++) s[i] = m[i] * momentum;
+            quantize_block(&st->mq, s, m, k, 0);
+            for (int64_t i = 0; i < k; i++) s[i] = m[i] + dir[i];
+            quantize_block(&st->mq, s, m, k, 0);
+            if (flags & STEP_NESTEROV) {
+                for (int64_t i = 0; i < k; i++) d[i] = dir[i] + m[i] * momentum;
+                dir = d;
+            } else {
+                dir = m;
+            }
+        }
+        for (int64_t i = 0; i < k; i++) u[i] = dir[i] * neg_lr;
+        if (flags & STEP_KAHAN) {
+            float *restrict c = st->c + start;
+            if (flags & STEP_FLOAT_C) {
+                for (int64_t i = 0; i < k; i++) s[i] = u[i] - c[i];
+                quantize_block(&st->cq, s, y, k, 0);
+            } else {
+                for (int64_t i = 0; i < k; i++) y[i] = u[i] - c[i];
+            }
+            for (int64_t i = 0; i < k; i++) s[i] = w[i] + y[i];
+            quantize_block(&st->wq, s, t, k, 0);
+            for (int64_t i = 0; i < k; i++) s[i] = t[i] - w[i]; /* z */
+            if (flags & STEP_DIAG) {
+                for (int64_t i = 0; i < k; i++) {
+                    moved += u[i] != 0.0f;
+                    lost += (u[i] != 0.0f) & (s[i] == 0.0f);
+                }
+            }
+            if (flags & STEP_FLOAT_C) {
+                quantize_block(&st->cq, s, d, k, 0);
+                for (int64_t i = 0; i < k; i++) s[i] = d[i] - y[i];
+            } else {
+                for (int64_t i = 0; i < k; i++) s[i] = s[i] - y[i];
+            }
+            quantize_block(&st->cq, s, c, k, 0);
+        } else {
+            for (int64_t i = 0; i < k; i++) s[i] = w[i] + u[i];
+            quantize_block(&st->wq, s, t, k, 0);
+            if (flags & STEP_DIAG) {
+                for (int64_t i = 0; i < k; i++) {
+                    moved += u[i] != 0.0f;
+                    lost += (u[i] != 0.0f) & (t[i] - w[i] == 0.0f);
+                }
+            }
+        }
+        if (flags & STEP_DIAG) {
+            float *restrict sum = st->intended + start;
+            for (int64_t i = 0; i < k; i++) sum[i] = sum[i] + u[i];
+        }
+        memcpy(w, t, (size_t)k * sizeof(float));
+    }
+    *moved_out = moved;
+    *lost_out = lost;
+}
+
+/* --- Python bindings --------------------------------------------------------------- */
+
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *name) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, want, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+static double as_double(PyObject *o) { return PyFloat_AsDouble(o); }
+static long long as_long(PyObject *o) { return PyLong_AsLongLong(o); }
+static unsigned long long as_ulong(PyObject *o) { return PyLong_AsUnsignedLongLong(o); }
+static void *as_pointer(PyObject *o) { return (void *)(uintptr_t)PyLong_AsUnsignedLongLong(o); }
+
+/* A quantizer from formats._native_spec: (kind, mode, key, parameters...). */
+static int parse_quantizer(PyObject *spec, Quantizer *q) {
+    static const Py_ssize_t sizes[] = {3, 8, 5, 10, 14};
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 3) {
+        PyErr_SetString(PyExc_TypeError, "a quantizer spec is a tuple (kind, mode, key, ...)");
+        return -1;
+    }
+    PyObject **v = &PyTuple_GET_ITEM(spec, 0);
+    const long long kind = as_long(v[0]);
+    const int mode = (int)as_long(v[1]);
+    const unsigned long long key = as_ulong(v[2]);
+    if (PyErr_Occurred()) return -1;
+    if (kind < 0 || kind > KIND_GENERAL || PyTuple_GET_SIZE(spec) != sizes[kind] || mode < 0 || mode > 2) {
+        PyErr_SetString(PyExc_ValueError, "malformed quantizer spec");
+        return -1;
+    }
+    const uint32_t key0 = (uint32_t)key, key1 = (uint32_t)(key >> 32);
+    memset(q, 0, sizeof *q);
+    switch (kind) {
+    case KIND_FP32:
+        q->run = NULL;
+        break;
+    case KIND_FIXED:
+        q->run = fixed_run;
+        q->args.fixed = (FixedArgs){(float)as_double(v[3]), (float)as_double(v[4]), (float)as_double(v[5]),
+                                    (float)as_double(v[6]), mode, (int)as_long(v[7]), key0, key1};
+        break;
+    case KIND_E8:
+        q->run = e8_run;
+        q->args.e8 = (E8Args){(int)as_long(v[3]), mode, (float)as_double(v[4]), key0, key1};
+        if (!PyErr_Occurred() && (q->args.e8.drop < 1 || q->args.e8.drop > 23)) {
+            PyErr_SetString(PyExc_ValueError, "e8: drop must be 1..23");
+            return -1;
+        }
+        break;
+    case KIND_NEAREST:
+        q->run = nearest_run;
+        q->args.nearest = (NearestArgs){(float)as_double(v[3]), (float)as_double(v[4]), (float)as_double(v[5]),
+                                        (float)as_double(v[6]), (uint32_t)as_long(v[7]), (uint32_t)as_long(v[8]),
+                                        (int)as_long(v[9])};
+        break;
+    default: /* KIND_GENERAL: wide first */
+        q->run = as_long(v[3]) ? general64_run : general32_run;
+        q->args.general = (GeneralArgs){as_double(v[4]),  as_long(v[5]),        as_long(v[6]),
+                                        as_long(v[7]),    as_double(v[8]),      as_double(v[9]),
+                                        as_double(v[10]), as_double(v[11]),     mode,
+                                        (int)as_long(v[12]), (int)as_long(v[13]), key0,
+                                        key1};
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* quantize(src, dst, n, spec, offset): y = Q(x) over n elements; offset: the index of the
+ * first element in the whole tensor (it picks the random numbers of stochastic rounding). */
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Quantizer q;
+    if (check_nargs(nargs, 5, "quantize") || parse_quantizer(args[3], &q)) return NULL;
+    const float *x = as_pointer(args[0]);
+    float *y = as_pointer(args[1]);
+    const long long n = as_long(args[2]);
+    const uint64_t offset = as_ulong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS quantize_block(&q, x, y, n > 0 ? (int64_t)n : 0, offset);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+/* step(w, g, m, c, intended, n, lr, momentum, decay, flags, wspec, cspec, mspec) -> (moved, lost) */
+static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Step st;
+    if (check_nargs(nargs, 13, "step") || parse_quantizer(args[10], &st.wq) || parse_quantizer(args[11], &st.cq) ||
+        parse_quantizer(args[12], &st.mq))
+        return NULL;
+    st.w = as_pointer(args[0]);
+    st.g = as_pointer(args[1]);
+    st.m = as_pointer(args[2]);
+    st.c = as_pointer(args[3]);
+    st.intended = as_pointer(args[4]);
+    const long long n = as_long(args[5]);
+    st.lr = (float)as_double(args[6]);
+    st.momentum = (float)as_double(args[7]);
+    st.decay = (float)as_double(args[8]);
+    st.flags = (int)as_long(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    int64_t moved = 0, lost = 0;
+    Py_BEGIN_ALLOW_THREADS step_run(&st, n > 0 ? (int64_t)n : 0, &moved, &lost);
+    Py_END_ALLOW_THREADS return Py_BuildValue("LL", (long long)moved, (long long)lost);
+}
+
+/* absmax(src, n) -> float */
+static PyObject *py_absmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 2, "absmax")) return NULL;
+    const float *x = as_pointer(args[0]);
+    const long long n = as_long(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    uint32_t m;
+    Py_BEGIN_ALLOW_THREADS m = absmax_bits(x, n > 0 ? (int64_t)n : 0);
+    Py_END_ALLOW_THREADS return PyFloat_FromDouble((double)float_of(m));
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "Round n floats onto a format."},
+    {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, "One SGD step on quantized weights."},
+    {"absmax", (PyCFunction)(void (*)(void))py_absmax, METH_FASTCALL, "Largest magnitude (NaN if any)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels for lpcli.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
