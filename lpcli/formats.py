@@ -332,8 +332,12 @@ def quantize(
         out is not None
         and out.dtype == torch.float32
         and out.is_contiguous()
-        # the torch kernels read x after writing parts of y; the native ones read each element first
-        and (native is not None or out.untyped_storage().data_ptr() != xf.untyped_storage().data_ptr())
+        # the torch kernels read x after writing parts of y; the native ones read each element
+        # before writing it, which allows y = x exactly (not a shifted overlap)
+        and (
+            out.untyped_storage().data_ptr() != xf.untyped_storage().data_ptr()
+            or (native is not None and out.data_ptr() == xf.data_ptr())
+        )
     )
     y = out if direct else torch.empty_like(xf)
     with torch.no_grad():

@@ -734,3 +734,11 @@ def test_absmax_matches_torch_with_nan_inf_and_signed_zero(threads: int, monkeyp
             assert math.isnan(formats._absmax_value(special))
     finally:
         torch.set_num_threads(1)
+
+
+def test_out_overlapping_x_at_a_shift_gets_the_right_values() -> None:
+    buffer = random_bits(100_001, -10, 10, 25)
+    x, out = buffer[:-1], buffer[1:]  # the same storage, one element apart
+    expected = quantize(x.clone(), "fx8.4")
+    quantize(x, "fx8.4", out=out)
+    assert_bitexact(out, expected, x)
