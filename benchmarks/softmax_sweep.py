@@ -16,7 +16,7 @@ means over the seeds (model initialization and batch order; the data set is fixe
 The empirical threshold is the smallest value from which every wider one is within
 ``--tolerance`` points of fp32; ``<=x`` when the narrowest one tried already is.
 
-    PYTHONPATH=. python benchmarks/softmax_sweep.py                  # all 3 N, 2 seeds: ~6 min on 1 core
+    PYTHONPATH=. python benchmarks/softmax_sweep.py                  # all 3 N, 2 seeds: ~4 min on 1 core
     PYTHONPATH=. python benchmarks/softmax_sweep.py --classes 10 --seeds 0
 
 The tasks are sized so that fp32 reaches >= 90% and the classes overlap enough that the

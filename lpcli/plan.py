@@ -7,9 +7,9 @@ As ``recommend`` writes it and a user may edit it::
     output_layer: "2"
     layers:
       "0": {weight: fx8.7, activation: fx12.6, error: fx12.11, weight_grad: fx12.14}
-      "2": {weight: fx8.7, activation: fx8.4, error: fx6.5, weight_grad: fx12.14}
+      "2": {weight: fx8.7, activation: fx8.4, error: fx5.4, weight_grad: fx12.14}
     softmax_input: fx8.4        # z - max(z) at the last layer's output; the class-count bound
-    softmax_error: fx6.5        # p - y, before the 1/batch mean
+    softmax_error: fx5.4        # p - y, before the 1/batch mean
     optimizer: {kahan: true}    # comp_format (one for all layers) derived unless given
     reasons: {...}              # one line per decision (informative; ignored when read)
 """

@@ -47,7 +47,7 @@ included) and fraction bits ``F`` (resolution), each from its own rule:
   is capped with a note.
 * softmax (class count N): the input ``z - max(z)`` needs its range to reach the logit
   gap ``ln((N-1) * c / (1-c))`` of a prediction with confidence ``c``; the error
-  ``p - y`` (range +-1) needs half a step below ``1/N`` to hold a non-target
+  ``p - y`` (range +-1) needs a step of at most ``1/N`` to hold a non-target
   ``p ~ 1/N`` at the start of training. See :func:`softmax_formats` for both families
   and how the rules were checked against training (``benchmarks/softmax_sweep.py``).
 """
@@ -73,7 +73,7 @@ class Rules:
     underflow: float = 0.01
     confidence: float = 0.99  # softmax input range: the logit gap of a prediction this confident
     softmax_input_frac: int = -1  # softmax input fixed point: fraction bits (logit step 2^-F = 2 nats)
-    softmax_error_margin: int = 0  # softmax error fixed point: bits beyond F = floor(log2 N)
+    softmax_error_margin: int = 0  # softmax error fixed point: bits beyond F = ceil(log2 N)
     softmax_input_man: int = 2  # softmax input float: mantissa bits
     softmax_error_man: int = 2  # softmax error float: mantissa bits
     max_bits: int = MAX_FIXED_WIDTH
@@ -209,19 +209,20 @@ def softmax_input_format(classes: int, rules: Rules) -> tuple[FixedPoint, str]:
 def softmax_error_format(classes: int, rules: Rules) -> tuple[FixedPoint, str]:
     """Fixed point for the error ``p - y`` in ``[-1, 1)`` before the 1/batch mean.
 
-    One integer bit (the sign) and ``F = ceil(log2 2N) + softmax_error_margin`` fraction
-    bits: the fewest whose step is at most ``1/(2N)``, so a non-target class at its
-    starting ``p ~ 1/N`` spans at least two steps and is pushed down with an error of at
-    most a quarter of its own size. Width ``F + 1``: 6, 9, 12 bits for N = 10, 100, 1000.
-    Half a step below ``1/N`` (one bit fewer) sufficed on overlapping Gaussian classes but
-    lost 7 points of 63 on MNIST-1D (N = 10, momentum 0.9), where two steps did not.
+    One integer bit (the sign) and ``F = ceil(log2 N) + softmax_error_margin`` fraction
+    bits: the fewest whose step is at most ``1/N``, so a non-target class at its starting
+    ``p ~ 1/N`` is not flushed to zero. The target's error is minus the sum of the rounded
+    non-target errors (see :mod:`lpcli.simulate`), so each row still sums to zero and what
+    rounding takes from the wrong classes cannot push every logit the same way. Width
+    ``F + 1``: 5, 8, 11 bits for N = 10, 100, 1000. One bit fewer flushes every wrong class
+    at the start and training stalls (chance accuracy at N = 100 and 1000).
     """
-    frac = math.ceil(math.log2(2 * classes)) + rules.softmax_error_margin
+    frac = math.ceil(math.log2(classes)) + rules.softmax_error_margin
     fmt = FixedPoint(frac + 1, frac)
     margin = f" {rules.softmax_error_margin:+d} bit" if rules.softmax_error_margin else ""
-    return fmt, (f"p-y in [-1, 1); a non-target p ~ 1/N = {1 / classes:.3g} at the start must span two steps: "
-                 f"step <= 1/(2N), F = ceil(log2 2N) = {math.ceil(math.log2(2 * classes))}{margin}: flushes only "
-                 f"|p-y| < {2.0 ** -(frac + 1):.3g}")
+    return fmt, (f"p-y in [-1, 1); a non-target p ~ 1/N = {1 / classes:.3g} at the start must not flush: "
+                 f"step <= 1/N, F = ceil(log2 N) = {math.ceil(math.log2(classes))}{margin} (the target's error is "
+                 f"minus the sum of the others: rows stay zero-sum): flushes only |p-y| < {2.0 ** -(frac + 1):.3g}")
 
 
 def _smallest_float(man: int, holds: Callable[[FloatFormat], bool]) -> FloatFormat:
@@ -271,13 +272,14 @@ def softmax_formats(classes: int, rules: Rules | None = None, family: str = "fix
     overlapping Gaussian classes, fp32 SGD everywhere but the softmax, 2 seeds; fp32
     93-95% for N = 10, 100, 1000):
 
-    * error, fixed: ``W = F + 1 = ceil(log2 2N) + 1`` (6, 9, 12 bits). This is the
-      ``log2 N + c`` form, and it fits: the measured thresholds (the narrowest width
-      from which every wider one is within 1 point of fp32) were 3, 5, 9 bits, i.e.
-      ``floor(log2 N)`` or one less, on these Gaussian classes; the rule is 3-4 bits
-      above them because MNIST-1D (N = 10) needed 6 bits. Narrower, the
-      non-target errors vanish and accuracy falls steadily with every bit (N=1000:
-      95.4% fp32, 94.8 at 9 bits, 92.4 at 7, 88.3 at 5).
+    * error, fixed: ``W = F + 1 = ceil(log2 N) + 1`` (5, 8, 11 bits), with the target's
+      error taken as minus the sum of the rounded others (zero-sum rows, see
+      :mod:`lpcli.simulate`). This is the ``log2 N + c`` form, and it fits: the measured
+      thresholds were 3, 7, 10 bits, the rule 1-2 bits above them. Below the threshold
+      every wrong class flushes at the start and training stays at chance (N = 100: 1.0%
+      at 6 bits; N = 1000: 0.1% at 9). Rounding each entry on its own instead lets the
+      logits drift (MNIST-1D, N = 10: 49 points lost at 4 bits, 1.2 at 6, where zero-sum
+      rows lose at most 0.4 from 4 bits on; ``benchmarks/softmax_error_rows.py``).
     * input, fixed: the range, not the resolution, is what grows with N. Saturating
       ``z - max(z)`` at ``-R`` leaves each wrong class ``e^-R`` of the target's weight;
       ``R >= ln((N-1)c/(1-c))`` (c = 0.99) caps that floor at 1% and gives
@@ -291,10 +293,11 @@ def softmax_formats(classes: int, rules: Rules | None = None, family: str = "fix
       These are the most aggressive choices the experiment allows; a task whose
       competitors must be told apart by less than a nat may want ``F >= 0``.
     * error, float: the bottom of the range does the fixed-point job (half the smallest
-      subnormal below 1/N), mantissa bits (2) bound the relative error: ``e3m2fn``,
+      subnormal below 1/N), mantissa bits (2) bound the relative error: ``e4m2fn``,
       ``e4m2fn``, ``e5m2fn`` for 10, 100, 1000 classes, i.e. ``E ~ log2 log2 N``: each
       extra exponent bit doubles the binades covered, so a float needs only
-      ``O(log log N)`` bits where fixed point needs ``log2 N``.
+      ``O(log log N)`` bits where fixed point needs ``log2 N``. Measured thresholds 5, 5,
+      6 bits (one exponent bit fewer is at chance for N = 100 and 1000).
     * input, float: the fewest exponent bits whose maximum reaches the logit gap, and
       2 mantissa bits: ``e2m2fn``, ``e3m2fn``, ``e3m2fn``. The float's resolution is
       finest near 0, where the competing classes are.

@@ -2,7 +2,10 @@
 (activation) is rounded in the forward pass, the gradient arriving at that output
 (the error) in the backward pass, and the weight gradients once accumulated.
 The model's output feeds a softmax cross-entropy whose input ``z - max(z)`` and
-error ``p - y`` (before the 1/batch mean) are rounded to the softmax formats.
+error ``p - y`` (before the 1/batch mean) are rounded to the softmax formats. The
+target's error is then replaced by minus the sum of the rounded non-target errors, so
+each row sums to zero as ``p - y`` does (``zero_sum_error=False`` rounds every entry on
+its own; the logits then drift, see lpcli/recommend.py).
 
 Weights are not touched here: the optimizer stores them (see :mod:`lpcli.optim`).
 Counts of saturated and underflowed values are kept on the device, per quantization
@@ -118,6 +121,13 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         target_nonzero = torch.count_nonzero(error[rows, labels])
         target_flushed = target_nonzero - torch.count_nonzero(q[rows, labels])
         sim.target_error_counts = sim.target_error_counts + torch.stack([target_nonzero, target_flushed]).double()
+        if sim.zero_sum_error and not isinstance(sim.softmax_error, Float32):
+            # The target's error is minus the sum of the rounded non-target errors, as an
+            # accumulator holds it (on the fixed-point grid, at most a few steps beyond -1):
+            # each row sums to zero as p - y does, so rounding cannot shift every logit the
+            # same way.
+            q[rows, labels] = 0.0
+            q[rows, labels] = -q.sum(dim=1)
         return q * (grad / len(labels)), None, None
 
 
@@ -139,6 +149,7 @@ class Simulator:
         output_layer: str | None = None,
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
+        zero_sum_error: bool = True,
     ) -> None:
         modules = dict(model.named_modules())
         missing = [name for name in layers if name not in modules]
@@ -147,6 +158,7 @@ class Simulator:
         self.model = model
         self.softmax_input, self.softmax_error = softmax_input, softmax_error
         self.rounding, self.generator = rounding, generator
+        self.zero_sum_error = zero_sum_error
         self.recording = True
         self.points: dict[str, _LayerPoint] = {}
         self.grad_counts: dict[str, Counter] = {}

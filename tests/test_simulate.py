@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +41,10 @@ def test_forward_backward_match_explicit_quantization():
     s = quantize(z - z.max(dim=1, keepdim=True).values, sin)
     p = torch.softmax(s, dim=1)
     expected_loss = F.cross_entropy(s, y)
-    e = quantize(p - F.one_hot(y, 4).float(), serr) / len(y)
+    e = quantize(p - F.one_hot(y, 4).float(), serr)
+    target = F.one_hot(y, 4).bool()
+    e[target] = -(e * ~target).sum(dim=1)  # the target's error: minus the rounded others
+    e = e / len(y)
     grad_w2 = quantize(e.T @ a, "fx12.9")
     grad_a = e @ w2
     grad_h = quantize(grad_a * (h > 0), "fx10.9")
@@ -141,3 +145,26 @@ def test_non_target_flush_share_matches_a_direct_count():
     expected = float(((q == 0) & (error != 0) & non_target).sum()) / float(((error != 0) & non_target).sum())
     assert 0 < expected < 1
     assert sim.counts()["non_target_flushed"] == expected
+
+
+@pytest.mark.parametrize("fmt", ["fx6.5", "fx4.3", "e4m2fn"])
+def test_rounded_error_rows_sum_to_zero_with_the_target_from_the_others(fmt):
+    """The gradient at the logits: rounded non-target errors, and the target's error as minus
+    their sum (rounded), so every row sums to zero; checked against a float64 computation."""
+    torch.manual_seed(2)
+    z = (torch.randn(32, 10) * 3).requires_grad_()
+    y = torch.randint(0, 10, (32,))
+    sim = Simulator(nn.Sequential(), {}, parse_format("fp32"), parse_format(fmt))
+    sim.loss(z, y).backward()
+    rows = torch.arange(32)
+    p = torch.softmax(z.detach().double(), dim=1).float()
+    error = p - F.one_hot(y, 10).float()
+    q = quantize(error, fmt).double()
+    q[rows, y] = 0.0
+    q[rows, y] = -q.sum(dim=1)  # exact in float64: at most 10 values on one grid
+    assert torch.equal(z.grad.double() * 32, q)
+    assert torch.all(q.sum(dim=1) == 0)
+    naive = Simulator(nn.Sequential(), {}, parse_format("fp32"), parse_format(fmt), zero_sum_error=False)
+    z.grad = None
+    naive.loss(z, y).backward()
+    assert torch.equal(z.grad * 32, quantize(error, fmt))

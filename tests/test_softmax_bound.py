@@ -66,7 +66,8 @@ def test_fixed_family_is_the_fixed_rules_and_the_range_is_the_fewest_bits():
         assert (inp, why_in) == softmax_input_format(classes, rules)
         assert (err, why_err) == softmax_error_format(classes, rules)
         assert isinstance(inp, FixedPoint) and isinstance(err, FixedPoint)
-        assert err.integer_bits == 1 and err.frac == math.ceil(math.log2(2 * classes))
+        assert err.integer_bits == 1 and err.frac == math.ceil(math.log2(classes))
+        assert err.step <= 1 / classes < err.step * 2  # the fewest bits that keep p ~ 1/N
         assert 2 ** (inp.integer_bits - 2) < logit_gap(classes, rules.confidence)  # one bit fewer would not reach
         assert f"N={classes}," in why_in
 
