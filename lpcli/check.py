@@ -170,7 +170,8 @@ def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset
         optimizer = KahanSGD(_param_groups(model, plan), lr=training.lr, momentum=training.momentum,
                              weight_decay=training.weight_decay, comp_format=plan.comp_format,
                              mode=run, seed=seed)
-        simulator = Simulator(model, plan.layers, plan.softmax_input, plan.softmax_error, plan.output_layer)
+        simulator = Simulator(model, plan.layers, plan.softmax_input, plan.softmax_error, plan.output_layer,
+                              zero_sum_error=plan.softmax_error_rows == "zero-sum")
         loss_fn = simulator.loss
     watch = NonFiniteWatch(model, list(plan.layers))
     losses: list[float] = []

@@ -10,6 +10,7 @@ As ``recommend`` writes it and a user may edit it::
       "2": {weight: fx8.7, activation: fx8.4, error: fx5.4, weight_grad: fx12.14}
     softmax_input: fx8.4        # z - max(z) at the last layer's output; the class-count bound
     softmax_error: fx5.4        # p - y, before the 1/batch mean
+    softmax_error_rows: zero-sum  # the target's error is minus the rounded others (or: each)
     optimizer: {kahan: true}    # comp_format (one for all layers) derived unless given
     reasons: {...}              # one line per decision (informative; ignored when read)
 """
@@ -24,8 +25,11 @@ from .formats import FixedPoint, Format
 from .schema import Fields
 
 TENSORS = ("weight", "activation", "error", "weight_grad")
-PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "softmax_input", "softmax_error", "optimizer",
-             "reasons", "summary", "source", "verify")
+PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "softmax_input", "softmax_error", "softmax_error_rows",
+             "optimizer", "reasons", "summary", "source", "verify")
+# How the rounded softmax error is formed: "zero-sum" (the target's error is minus the sum of
+# the rounded non-target errors, so every row sums to zero) or "each" (every entry rounded).
+ERROR_ROWS = ("zero-sum", "each")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Plan:
     layers: dict[str, dict[str, Format]]
     softmax_input: Format
     softmax_error: Format
+    softmax_error_rows: str = "zero-sum"
     kahan: bool = True
     comp_format: Format | None = None
     classes: int | None = None
@@ -51,6 +56,7 @@ class Plan:
             "layers": {name: {t: str(fmts[t]) for t in TENSORS} for name, fmts in self.layers.items()},
             "softmax_input": str(self.softmax_input),
             "softmax_error": str(self.softmax_error),
+            "softmax_error_rows": self.softmax_error_rows,
             "optimizer": optimizer,
         }
         if self.reasons:
@@ -109,6 +115,7 @@ def plan_from_document(doc: Any, source: str) -> Plan:
         layers=layers,
         softmax_input=top.format("softmax_input"),
         softmax_error=top.format("softmax_error"),
+        softmax_error_rows=top.string("softmax_error_rows", "zero-sum", choices=ERROR_ROWS),
         kahan=optimizer.boolean("kahan", True),
         comp_format=optimizer.format("comp_format") if optimizer.has("comp_format") else None,
         classes=classes,

@@ -278,6 +278,8 @@ PLAN_CASES = [
     ("layers.0", "fx8.7", "layers.0", "must be a mapping"),
     ("softmax_input", DELETE, "softmax_input", "missing"),
     ("softmax_error", "fx8", "softmax_error", "unknown format"),
+    ("softmax_error_rows", "zero_sum", "softmax_error_rows", "did you mean 'zero-sum'"),
+    ("softmax_error_rows", True, "softmax_error_rows", "non-empty string"),
     ("output_layer", "9", "output_layer", "names no layer"),
     ("layers.2.activation", "fx12.2", "layers.2.activation", "softmax_input"),
     ("optimizer.kahan", "on", "optimizer.kahan", "true or false"),

@@ -104,6 +104,24 @@ def test_plan_round_trip_through_train_check(tmp_path, small_recipe):
     assert report["plan"]["layers"]["0"]["weight"] == "fx9.8"
 
 
+def test_softmax_error_rows_of_the_plan_reach_the_simulation(tmp_path):
+    """digits-mlp with a 4-bit softmax error: zero-sum rows (the default) and rounding every
+    entry train differently; the plan's choice is carried into the report."""
+    plan = tmp_path / "plan.yaml"
+    assert run_cli("recommend", "digits-mlp", "-o", plan).exit_code == 0
+    doc = yaml.safe_load(plan.read_text())
+    assert doc["softmax_error_rows"] == "zero-sum"
+    doc["softmax_error"] = doc["layers"][doc["output_layer"]]["error"] = "fx4.3"
+    reports = {}
+    for rows in ("zero-sum", "each"):
+        doc["softmax_error_rows"] = rows
+        plan.write_text(yaml.safe_dump(doc))
+        reports[rows] = run_cli("train-check", "digits-mlp", "--plan", plan, "--steps", 150, "--json").json()
+        assert reports[rows]["plan"]["softmax_error_rows"] == rows
+    kahan = [reports[rows]["runs"]["kahan"]["final_loss"] for rows in ("zero-sum", "each")]
+    assert kahan[0] != kahan[1]
+
+
 def test_output_replaces_existing_file(tmp_path, small_recipe):
     out = tmp_path / "report.json"
     out.write_text("old")
