@@ -57,7 +57,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -324,8 +324,8 @@ def quantize(
     if native is None:
         if fixed is not None:
             kernel = _fixed_kernel(fixed[0], fixed[1], rounding, generator, fixed[2])
-        elif rounding == "nearest" and _cast_dtype(fmt) is not None:
-            kernel = _cast_kernel(_cast_dtype(fmt))
+        elif rounding == "nearest" and (dtype := _cast_dtype(fmt)) is not None:
+            kernel = _cast_kernel(dtype)
         else:
             kernel = _float_kernel(fmt, rounding, generator, xf.device.type)
     direct = (
@@ -871,13 +871,13 @@ def in_pieces(job: Callable[[int, int], object], n: int) -> list:
     interrupted = None
     while True:
         try:
-            results = [j.result() for j in jobs]
+            wait(jobs)
             break
         except KeyboardInterrupt as stop:
             interrupted = stop
     if interrupted is not None:
         raise interrupted
-    return results
+    return [j.result() for j in jobs]
 
 
 def saturated(x: torch.Tensor, fmt: Format) -> torch.Tensor:

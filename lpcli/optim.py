@@ -427,8 +427,8 @@ def _native_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], 
                  specs: tuple[tuple, tuple, tuple]) -> bool:
     """One tensor's step in C; False (nothing done) where the tensors do not suit it."""
     w, g = p.detach(), p.grad.detach()
-    if not (w.device.type == "cpu" and w.dtype == g.dtype == torch.float32 and w.is_contiguous()
-            and g.is_contiguous()):
+    buffers = [state[key] for key in ("momentum_buffer", "compensation", "intended") if key in state]
+    if not (w.device.type == "cpu" and all(t.dtype == torch.float32 and t.is_contiguous() for t in (w, g, *buffers))):
         return False
     kahan = group["mode"] == "kahan"
     flags = ((_KAHAN if kahan else 0) | (_FLOAT_C if kahan and isinstance(group["comp_format"], FloatFormat) else 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import shutil
+import time
 
 import ml_dtypes
 import numpy as np
@@ -742,3 +743,24 @@ def test_out_overlapping_x_at_a_shift_gets_the_right_values() -> None:
     expected = quantize(x.clone(), "fx8.4")
     quantize(x, "fx8.4", out=out)
     assert_bitexact(out, expected, x)
+
+
+def test_pieces_all_finish_before_an_interrupt_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while pieces run must not return before every piece is done: they write into
+    memory the caller frees as soon as it sees the exception."""
+    finished = []
+
+    def job(start: int, count: int) -> None:
+        if start == 0:
+            raise KeyboardInterrupt
+        time.sleep(0.2)
+        finished.append(start)
+
+    monkeypatch.setattr(formats, "_PIECE", 1000)
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            formats.in_pieces(job, 3000)
+    finally:
+        torch.set_num_threads(1)
+    assert sorted(finished) == [1024, 2048]
