@@ -15,28 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .data import Dataset, batch_indices
+from .data import Dataset, balanced_accuracy, batch_indices
 from .distributed import World, all_sum
 from .errors import InputError, Interrupted
-from .formats import Float32
-from .models import quantizable_layers
-from .optim import KahanSGD
+from .models import run_model
 from .plan import Plan
 from .recipe import Recipe, load_recipe
-from .simulate import NonFiniteWatch, Simulator, shares
+from .simulate import NonFiniteWatch, Simulator
+from .simulation import Simulation, resolve
 from .stats import prepare_run
 
 RUNS = ("fp32", "plain", "kahan")
 LOW_PRECISION_RUNS = ("plain", "kahan", "stochastic")
 Progress = Callable[[str, int, int], None]
-
-
-def check_plan_matches(plan: Plan, model: nn.Module, source: str) -> None:
-    layers = quantizable_layers(model)
-    for name in plan.layers:
-        if name not in layers:
-            raise InputError(source, f"layers.{name}",
-                             f"the model has no layer {name!r} with weights (layers: {', '.join(layers)})")
 
 
 def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = None, *, tolerance: float = 1.0,
@@ -71,7 +62,7 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
     training = recipe.training
     steps = training.steps if steps is None else steps
     seed, data, model = prepare_run(recipe, seed, data, device)
-    check_plan_matches(plan, model, plan_source)
+    resolve(plan, model, plan_source)  # a plan that does not fit fails before any training
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = batch_indices(len(data.y_train), training.batch_size, steps, seed)
     global_batch = len(batches[0])
@@ -88,6 +79,7 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
     runs: dict[str, dict[str, Any]] = {}
     diagnostics: dict[str, dict[str, Any]] = {name: {} for name in plan.layers}
     softmax: dict[str, Any] = {}
+    kept_fp32: list[str] = []
     timings: dict[str, float] = {}
     for run in (*RUNS, "stochastic") if stochastic else RUNS:
         t0 = time.perf_counter()
@@ -95,29 +87,19 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         try:
             with distributed.ieee_fp32(device):
                 result = _train(run, model, plan, recipe, data, batches, seed, progress if world.rank == 0 else None,
-                                world, batch_share)
+                                world, batch_share, plan_source)
         except Interrupted as stop:
             stop.finished = {name: summary["test_accuracy"] for name, summary in runs.items()}
             raise
         timings[run] = time.perf_counter() - t0
         runs[run] = result.pop("summary")
         if run != "fp32":
-            for layer in result["optimizer"]:
-                diagnostics[layer["name"]].setdefault("lost_updates", {})[run] = layer["lost_updates"]
-                diagnostics[layer["name"]].setdefault("lost_mass", {})[run] = layer["lost_mass"]
-            for name, share in result["weights_at_limit"].items():
-                diagnostics[name].setdefault("weight_saturated", {})[run] = share
-            for name, tensors in result["counts"]["layers"].items():
-                for tensor, counts in tensors.items():
-                    share = shares(counts)
-                    diagnostics[name].setdefault(f"{tensor}_underflow", {})[run] = share["underflow"]
-                    diagnostics[name].setdefault(f"{tensor}_saturated", {})[run] = share["saturated"]
-            softmax[run] = {
-                "logits_saturated": shares(result["counts"]["softmax_input"])["saturated"],
-                "non_target_errors_flushed": result["counts"]["non_target_flushed"],
-                "error_underflow": shares(result["counts"]["softmax_error"])["underflow"],
-            }
+            for name, values in result["diagnostics"]["layers"].items():
+                for key, value in values.items():
+                    diagnostics[name].setdefault(key, {})[run] = value
+            softmax[run] = result["diagnostics"]["softmax"]
             runs[run]["weights_saturated_at_start"] = result["initial_saturated"]
+            kept_fp32 = result["kept_fp32"]
 
     fp32_acc, kahan_acc = runs["fp32"]["test_accuracy"], runs["kahan"]["test_accuracy"]
     for run in (r for r in LOW_PRECISION_RUNS if r in runs):
@@ -145,6 +127,7 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         "runs": runs,
         "diagnostics": diagnostics,
         "softmax": softmax,
+        "kept_fp32": kept_fp32,
         "verdict": {"passed": passed, "tolerance_points": tolerance, "reason": reason},
         "timing": {"seconds": {**timings, "total": time.perf_counter() - started}},
     }
@@ -156,39 +139,68 @@ def _divergence(summary: dict[str, Any]) -> str:
 
 
 def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset, batches: list[torch.Tensor],
-           seed: int, progress: Progress | None, world: World = World(), batch_share: float = 1.0) -> dict[str, Any]:
+           seed: int, progress: Progress | None, world: World = World(), batch_share: float = 1.0,
+           plan_source: str = "plan") -> dict[str, Any]:
     training = recipe.training
-    device = data.x_train.device
     torch.manual_seed(seed)  # dropout masks: the same draws in every run
     gradient_sum = distributed.GradientSum(model, world)  # first: the quantizer's hook must see the summed gradient
-    simulator = None
+    simulation = None
     if run == "fp32":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(), lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
         loss_fn = F.cross_entropy
     else:
-        optimizer = KahanSGD(_param_groups(model, plan), lr=training.lr, momentum=training.momentum,
-                             weight_decay=training.weight_decay, comp_format=plan.comp_format,
-                             mode=run, seed=seed)
-        simulator = Simulator(model, plan.layers, plan.softmax_input, plan.softmax_error, plan.output_layer,
-                              zero_sum_error=plan.softmax_error_rows == "zero-sum")
-        loss_fn = simulator.loss
+        simulation = Simulation(model, plan, source=plan_source)
+        simulation.attach()
+        optimizer = simulation.optimizer(lr=training.lr, momentum=training.momentum,
+                                         weight_decay=training.weight_decay, mode=run, seed=seed)
+        loss_fn = simulation.cross_entropy
+    try:
+        steps = _steps(run, model, optimizer, loss_fn, plan, recipe, data, batches, progress, world, batch_share)
+        if world.distributed and simulation is not None:
+            _sum_counts(simulation.simulator, world, data.x_train.device)
+        if steps["diverged"]:
+            summary = {"test_accuracy": None, "test_accuracy_fp32_logits": None, "test_loss": None}
+        elif simulation is not None:
+            evaluation = simulation.evaluate(data.x_test, data.y_test)
+            summary = _test_summary(evaluation.accuracy, evaluation.accuracy_fp32_logits, evaluation.loss,
+                                    evaluation.predictions, data)
+        else:
+            summary = _evaluate_fp32(model, data)
+        result: dict[str, Any] = {"summary": {**summary, **steps}}
+        if simulation is not None:
+            result["diagnostics"] = simulation.diagnostics()
+            result["diagnostics"]["softmax"]["test_rows_tied"] = None if steps["diverged"] else evaluation.tied_rows
+            result["initial_saturated"] = optimizer.initial_saturated
+            result["kept_fp32"] = simulation.kept_fp32()
+        return result
+    finally:
+        gradient_sum.remove()
+        if simulation is not None:
+            simulation.detach()
+
+
+def _steps(run: str, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, plan: Plan,
+           recipe: Recipe, data: Dataset, batches: list[torch.Tensor], progress: Progress | None, world: World,
+           batch_share: float) -> dict[str, Any]:
+    """The training loop of one run; the summary of its losses and where it diverged."""
     watch = NonFiniteWatch(model, list(plan.layers))
     losses: list[float] = []
     diverged_at = diverged_in = None
     model.train()
     window = max(1, min(50, len(batches) // 10))
-    recent = torch.zeros((), device=device)
+    recent = torch.zeros((), device=data.x_train.device)
     step = 0
     try:
         for step, index in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(data.x_train[index]), data.y_train[index])
+            logits = run_model(model, data.x_train[index], recipe.source, recipe.model_label)
+            loss = loss_fn(logits, data.y_train[index])
             if world.distributed:
                 loss = loss * batch_share  # errors per sample as in one process; the rank losses add up to it
             loss.backward()
             optimizer.step()
-            where = distributed.first_problem(watch.end_step(loss), world, device)
+            where = distributed.first_problem(watch.end_step(loss), world, data.x_train.device)
             if where is not None:
                 diverged_at, diverged_in = step + 1, {"layer": where[0], "tensor": where[1]}
                 break
@@ -201,38 +213,22 @@ def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset
         raise Interrupted(run, step + 1, len(batches)) from None
     finally:
         watch.remove()
-        gradient_sum.remove()
     if world.distributed:
         all_sum(recent, world)
-        if simulator is not None:
-            _sum_counts(simulator, world, device)
-    if simulator is not None:
-        simulator.recording = False
-    accuracy, test_loss = _evaluate(model, data, loss_fn) if diverged_at is None else (None, None)
-    result: dict[str, Any] = {
-        "summary": {
-            "test_accuracy": accuracy,
-            "test_loss": test_loss,
-            "final_loss": float(recent) / window if diverged_at is None else None,
-            "diverged": diverged_at is not None,
-            "diverged_at": diverged_at,
-            "diverged_in": diverged_in,
-            "loss_curve": {"every": 25, "values": losses},
-        },
+    return {
+        "final_loss": float(recent) / window if diverged_at is None else None,
+        "diverged": diverged_at is not None,
+        "diverged_at": diverged_at,
+        "diverged_in": diverged_in,
+        "loss_curve": {"every": 25, "values": losses},
     }
-    if simulator is not None:
-        result["counts"] = simulator.counts()
-        result["optimizer"] = optimizer.diagnostics()
-        result["initial_saturated"] = optimizer.initial_saturated
-        result["weights_at_limit"] = _weights_at_limit(model, plan)
-        simulator.remove()
-    return result
 
 
 def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> None:
     """Totals over the ranks of what each rank counted on its slice of the batch. Weight
     gradients are left alone: every rank quantized the same summed gradient."""
     counters = [c for point in simulator.points.values() for c in (point.activation_counts, point.error_counts)]
+    counters += [point.counts for point in simulator.inputs.values()]
     counters += [simulator.softmax_input_counts, simulator.softmax_error_counts]
     for counter in counters:
         if counter.totals is None:
@@ -244,41 +240,21 @@ def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> Non
     simulator.target_error_counts = joined[-2:].clone()
 
 
-def _weights_at_limit(model: nn.Module, plan: Plan) -> dict[str, float | None]:
-    """Per layer, the share of stored weights sitting at the format's range limit at the
-    end: weights that kept growing and were clipped, so their updates were lost."""
-    modules = dict(model.named_modules())
-    shares: dict[str, float | None] = {}
-    for name, fmts in plan.layers.items():
-        fmt = fmts["weight"]
-        params = [p.detach() for p in modules[name].parameters(recurse=False)]
-        if not params or not hasattr(fmt, "max_value") or isinstance(fmt, Float32):
-            shares[name] = None
-            continue
-        at_limit = sum(int(((p >= fmt.max_value) | (p <= fmt.min_value)).sum()) for p in params)
-        shares[name] = at_limit / sum(p.numel() for p in params)
-    return shares
-
-
-def _param_groups(model: nn.Module, plan: Plan) -> list[dict[str, Any]]:
-    groups = []
-    seen: set[int] = set()
-    modules = dict(model.named_modules())
-    for name, fmts in plan.layers.items():
-        params = [p for p in modules[name].parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in params)
-        groups.append({"params": params, "weight_format": fmts["weight"], "name": name})
-    rest = [p for p in model.parameters() if id(p) not in seen]
-    if rest:
-        groups.append({"params": rest, "weight_format": "fp32", "name": "(unplanned)"})
-    return groups
-
-
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: Dataset, loss_fn: Callable) -> tuple[float, float]:
+def _evaluate_fp32(model: nn.Module, data: Dataset) -> dict[str, Any]:
     model.eval()
     logits = model(data.x_test)
-    accuracy = float((logits.argmax(dim=1) == data.y_test).float().mean())
-    loss = float(loss_fn(logits, data.y_test))
     model.train()
-    return accuracy, loss
+    predictions = logits.argmax(dim=1)
+    accuracy = float((predictions == data.y_test).float().mean())
+    return _test_summary(accuracy, accuracy, float(F.cross_entropy(logits, data.y_test)), predictions, data)
+
+
+def _test_summary(accuracy: float, fp32_logits: float, loss: float, predictions: torch.Tensor,
+                  data: Dataset) -> dict[str, Any]:
+    """The test numbers of a run; balanced accuracy beside accuracy on imbalanced data."""
+    summary: dict[str, Any] = {"test_accuracy": accuracy, "test_accuracy_fp32_logits": fp32_logits}
+    if data.imbalanced:
+        summary["test_balanced_accuracy"] = balanced_accuracy(predictions, data.y_test)
+    summary["test_loss"] = loss
+    return summary

@@ -1,9 +1,13 @@
 """Datasets a recipe can name: scikit-learn's digits, generated Gaussian classes, or
-the user's own arrays in an ``.npz`` file. Nothing is downloaded."""
+the user's own arrays in an ``.npz`` file. Nothing is downloaded.
+
+Features are standardized unless the recipe says ``standardize: false``; integer features
+in an ``.npz`` (token ids) are kept as they are unless it says ``standardize: true``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +18,22 @@ from .errors import InputError
 from .schema import Fields
 
 DATA_KEYS = {
-    "digits": ("name", "test_fraction", "seed"),
-    "synthetic": ("name", "classes", "dim", "samples", "noise", "test_fraction", "seed"),
-    "npz": ("name", "path", "classes", "test_fraction", "seed"),
-    "mnist1d": ("name", "samples", "seed"),
+    "digits": ("name", "test_fraction", "seed", "standardize"),
+    "synthetic": ("name", "classes", "dim", "samples", "noise", "test_fraction", "seed", "standardize"),
+    "npz": ("name", "path", "classes", "test_fraction", "seed", "standardize"),
+    "mnist1d": ("name", "samples", "seed", "standardize"),
 }
+IMBALANCE_RATIO = 5
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays as float32 features and int64 labels in ``[0, classes)``."""
+    """Train and test arrays with int64 labels in ``[0, classes)``.
+
+    Features are float32, or int64 when the data's features are integers (token ids) and
+    not standardized, so an embedding can index with them. ``notes`` are things done to
+    the data that its owner should hear about, such as remapped labels.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -31,10 +41,33 @@ class Dataset:
     y_test: torch.Tensor
     classes: int
     name: str
+    notes: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
-                       self.y_test.to(device), self.classes, self.name)
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+    @property
+    def imbalanced(self) -> bool:
+        """The largest class is at least 5x the smallest (train and test together, classes
+        that occur): plain accuracy then flatters a model that favours the large classes."""
+        counts = torch.bincount(torch.cat([self.y_train, self.y_test]).cpu())
+        counts = counts[counts > 0]
+        return bool(counts.numel() > 0 and counts.max() >= IMBALANCE_RATIO * counts.min())
+
+
+def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean recall over the classes present in ``labels``: each class counts the same,
+    however many examples it has. ``predictions`` are class indices, one per label."""
+    labels = labels.reshape(-1)
+    predictions = predictions.reshape(-1).to(labels.device)
+    if labels.numel() == 0 or predictions.shape != labels.shape:
+        raise ValueError(f"need one prediction per label and at least one label, got {predictions.numel()} "
+                         f"predictions for {labels.numel()} labels")
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    hits = torch.zeros(len(classes), dtype=torch.float64, device=labels.device)
+    hits.index_add_(0, inverse, (predictions == labels).to(torch.float64))
+    return float((hits / counts).mean())
 
 
 def validate_data_spec(data: Fields, base_dir: Path) -> dict[str, Any]:
@@ -44,6 +77,7 @@ def validate_data_spec(data: Fields, base_dir: Path) -> dict[str, Any]:
         "name": name,
         "test_fraction": data.number("test_fraction", 0.2, low=0.0, high=1.0, low_open=True, high_open=True),
         "seed": data.integer("seed", 0, low=0),
+        "standardize": data.boolean("standardize") if data.value.get("standardize") is not None else None,
     }
     if name == "synthetic":
         spec.update(classes=data.integer("classes", low=2, high=100_000), dim=data.integer("dim", low=1),
@@ -66,12 +100,13 @@ def load_data(spec: dict[str, Any], source: str) -> Dataset:
 
         digits = load_digits()
         x, y = digits.data.astype(np.float64), digits.target.astype(np.int64)
-        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"])
-        return _standardized(x_train, y_train, x_test, y_test, 10, "digits")
+        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"], source)
+        return _dataset(x_train, y_train, x_test, y_test, 10, "digits", _standardize(spec))
     if name == "synthetic":
         x, y = _gaussian_classes(spec)
-        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"])
-        return _standardized(x_train, y_train, x_test, y_test, spec["classes"], f"synthetic-{spec['classes']}")
+        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"], source)
+        return _dataset(x_train, y_train, x_test, y_test, spec["classes"], f"synthetic-{spec['classes']}",
+                        _standardize(spec))
     if name == "mnist1d":
         return _mnist1d(spec, source)
     return _load_npz(spec, source)
@@ -95,7 +130,7 @@ def _mnist1d(spec: dict[str, Any], source: str) -> Dataset:
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
-    return _standardized(data["x"], data["y"], data["x_test"], data["y_test"], 10, "mnist1d")
+    return _dataset(data["x"], data["y"], data["x_test"], data["y_test"], 10, "mnist1d", _standardize(spec))
 
 
 def _gaussian_classes(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -108,29 +143,61 @@ def _gaussian_classes(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64)
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, source: str):
+    """Stratified where every class can appear in both splits; a plain shuffle otherwise."""
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
+    present = int((counts > 0).sum())
+    test = math.ceil(test_fraction * len(y))
+    if test >= len(y):
+        raise InputError(source, "data.test_fraction", f"{test_fraction:g} of {len(y)} samples leaves none "
+                         f"to train on")
+    stratifiable = counts[counts > 0].min() >= 2 and min(test, len(y) - test) >= present
+    stratify = y if stratifiable else None
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=stratify)
     return x_train, y_train, x_test, y_test
 
 
-def _standardized(x_train, y_train, x_test, y_test, classes: int, name: str) -> Dataset:
-    """Scale features with the training split's mean and std (constant features stay 0)."""
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std[std == 0] = 1.0
+def _standardize(spec: dict[str, Any], integer: bool = False) -> bool:
+    """Measurements are standardized by default; integer features are ids, whose values mean
+    nothing on a scale, so they are kept unless the recipe asks."""
+    choice = spec.get("standardize")
+    return not integer if choice is None else choice
+
+
+def _is_integer(x: np.ndarray) -> bool:
+    return bool(np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_)
+
+
+def _dataset(x_train, y_train, x_test, y_test, classes: int, name: str, standardize: bool,
+             notes: tuple[str, ...] = ()) -> Dataset:
+    """Standardize with the training split's mean and std (constant features stay 0), so the
+    test split sees the same transform; features kept raw stay int64 if they are integers."""
+    if standardize:
+        x_train, x_test = np.asarray(x_train, dtype=np.float64), np.asarray(x_test, dtype=np.float64)
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0)
+        std[std == 0] = 1.0
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    dtype = np.int64 if _is_integer(np.asarray(x_train)) and _is_integer(np.asarray(x_test)) else np.float32
     return Dataset(
-        torch.from_numpy(((x_train - mean) / std).astype(np.float32)),
+        torch.from_numpy(np.ascontiguousarray(x_train, dtype=dtype)),
         torch.from_numpy(np.asarray(y_train, dtype=np.int64)),
-        torch.from_numpy(((x_test - mean) / std).astype(np.float32)),
+        torch.from_numpy(np.ascontiguousarray(x_test, dtype=dtype)),
         torch.from_numpy(np.asarray(y_test, dtype=np.int64)),
         classes,
         name,
+        notes,
     )
+
+
+def _listed(values: np.ndarray, head: int = 5) -> str:
+    shown = [str(int(v)) for v in values]
+    if len(shown) > head + 1:
+        shown = shown[:head] + ["...", shown[-1]]
+    return f"[{', '.join(shown)}]"
 
 
 def _load_npz(spec: dict[str, Any], source: str) -> Dataset:
@@ -153,8 +220,10 @@ def _load_npz(spec: dict[str, Any], source: str) -> Dataset:
         x, y = arrays[xk], arrays[yk]
         if x.ndim < 2 or len(x) == 0:
             raise InputError(path, xk, f"must be a non-empty array of shape (samples, features...), got {x.shape}")
-        if not np.issubdtype(x.dtype, np.number):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise InputError(path, xk, f"must be numeric, got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.complexfloating):
+            raise InputError(path, xk, f"must be real, got dtype {x.dtype}")
         if not np.isfinite(x).all():
             raise InputError(path, xk, "contains NaN or inf")
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -166,24 +235,42 @@ def _load_npz(spec: dict[str, Any], source: str) -> Dataset:
     if has_test and arrays["x_test"].shape[1:] != arrays["x"].shape[1:]:
         raise InputError(path, "x_test", f"sample shape {arrays['x_test'].shape[1:]} differs from x's "
                          f"{arrays['x'].shape[1:]}")
-    x = arrays["x"].astype(np.float64)
-    y = arrays["y"].astype(np.int64)
-    classes = int(max(y.max(), arrays["y_test"].max() if has_test else 0)) + 1
+    integer = all(_is_integer(arrays[xk]) for xk, _ in pairs)
+    standardize = _standardize(spec, integer)
+    if not standardize:
+        for xk, _ in pairs:
+            x = arrays[xk]
+            if integer and x.dtype == np.uint64 and x.max() > np.iinfo(np.int64).max:
+                raise InputError(path, xk, f"has integer {int(x.max())}, beyond int64")
+            if not integer and np.abs(x).max() > np.finfo(np.float32).max:
+                raise InputError(path, xk, "has values beyond float32's range; standardize them "
+                                 "(data.standardize: true)")
+    features = np.int64 if integer and not standardize else np.float64
+    x, y = arrays["x"].astype(features), arrays["y"].astype(np.int64)
+    y_test = arrays["y_test"].astype(np.int64) if has_test else np.zeros(0, dtype=np.int64)
+    notes: tuple[str, ...] = ()
     if spec.get("classes") is not None:
         for yk in ("y", "y_test") if has_test else ("y",):
             if arrays[yk].max() >= spec["classes"]:
                 raise InputError(path, yk, f"has label {int(arrays[yk].max())}, outside the {spec['classes']} "
                                  f"classes the recipe declares (data.classes)")
         classes = spec["classes"]
-    if classes < 2:
-        raise InputError(path, "y", "needs at least 2 classes")
+    else:
+        labels = np.unique(np.concatenate([y, y_test]))
+        if len(labels) < 2:
+            raise InputError(path, "y", f"needs at least 2 classes, got the single label {int(labels[0])} in "
+                             f"{'y and y_test' if has_test else 'y'}")
+        classes = len(labels)
+        if labels[-1] != classes - 1:
+            y, y_test = np.searchsorted(labels, y), np.searchsorted(labels, y_test)
+            notes = (f"labels remapped: {classes} distinct values {_listed(labels)} -> 0..{classes - 1}",)
     if has_test:
-        x_train, y_train, x_test, y_test = x, y, arrays["x_test"].astype(np.float64), arrays["y_test"].astype(np.int64)
+        x_train, y_train, x_test = x, y, arrays["x_test"].astype(features)
     else:
         if len(y) < 4:
             raise InputError(path, "x", f"needs at least 4 samples to split off a test set, got {len(y)}")
-        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"])
-    return _standardized(x_train, y_train, x_test, y_test, classes, Path(path).stem)
+        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"], source)
+    return _dataset(x_train, y_train, x_test, y_test, classes, Path(path).stem, standardize, notes)
 
 
 def batch_indices(samples: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,12 @@ def _import_model(spec: dict[str, Any], source: str, base_dir: Path | None) -> n
                 raise InputError(source, "model.import", f"{module_name!r} has no attribute {factory_name!r}")
         try:
             model = factory(**spec["kwargs"])
+        except KeyboardInterrupt:
+            raise
         except TypeError as exc:
             raise InputError(source, "model.kwargs", f"{spec['import']} rejected the arguments: {exc}") from None
+        except Exception as exc:  # the user's factory: any failure is theirs to fix
+            raise InputError(source, "model.import", f"{spec['import']} raised {describe_exception(exc)}") from None
     finally:
         if added:
             sys.path.remove(str(base_dir))
@@ -148,7 +153,82 @@ def _import_model(spec: dict[str, Any], source: str, base_dir: Path | None) -> n
     return model
 
 
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules that own a ``weight`` parameter, by qualified name, in registration order."""
-    return {name: module for name, module in model.named_modules()
-            if name and isinstance(getattr(module, "weight", None), nn.Parameter)}
+ROOT = "(root)"  # the layer name of parameters registered on the model itself (no module name to give)
+
+
+def layer_name(qualified: str) -> str:
+    """The plan's name for a module: its qualified name, or :data:`ROOT` for the model."""
+    return qualified or ROOT
+
+
+def module_name(layer: str) -> str:
+    """The qualified module name behind a plan's layer name."""
+    return "" if layer == ROOT else layer
+
+
+def parameter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that own a trainable parameter themselves (any type: ``Linear``, ``LSTM``,
+    ``MultiheadAttention``, norms, a model with a bare ``nn.Parameter``), by layer name,
+    in registration order. A module registered twice appears once, under its first name."""
+    return {layer_name(name): module for name, module in model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every trainable parameter once, under its first qualified name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Which layer stores which parameter: each trainable parameter belongs to the layer that
+    registered it first; a later name for the same tensor (tied weights, a module registered
+    twice) is an alias of that first name."""
+
+    parameters: dict[str, list[str]]  # layer name -> the qualified names it stores
+    tied: dict[str, str]  # alias -> the name that stores it
+
+
+def ownership(model: nn.Module) -> Ownership:
+    layers = parameter_layers(model)
+    owned: dict[str, list[str]] = {name: [] for name in layers}
+    first = {id(p): name for name, p in trainable_parameters(model).items()}
+    for name in first.values():
+        owned[layer_name(name.rpartition(".")[0])].append(name)
+    tied = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in first and first[id(p)] != name}
+    return Ownership(owned, tied)
+
+
+def map_floating(value: Any, fn: Any) -> Any:
+    """``value`` with ``fn`` applied to every floating-point tensor in it (nested tuples,
+    lists and named tuples such as ``PackedSequence``); everything else kept as it is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        items = [map_floating(v, fn) for v in value]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def floating_tensors(value: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    map_floating(value, lambda t: found.append(t) or t)
+    return found
+
+
+def run_model(model: nn.Module, x: torch.Tensor, source: str, name: str = "the model") -> torch.Tensor:
+    """``model(x)``, with an exception from the user's own code as bad input naming the model."""
+    try:
+        return model(x)
+    except (KeyboardInterrupt, InputError):
+        raise
+    except Exception as exc:  # the user's forward: any failure is theirs to fix
+        raise InputError(source, "model", f"the forward of {name} raised {describe_exception(exc)}") from None
+
+
+def describe_exception(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

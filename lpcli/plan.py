@@ -6,8 +6,12 @@ As ``recommend`` writes it and a user may edit it::
     classes: 10
     output_layer: "2"
     layers:
-      "0": {weight: fx8.7, activation: fx12.6, error: fx12.11, weight_grad: fx12.14}
-      "2": {weight: fx8.7, activation: fx8.4, error: fx5.4, weight_grad: fx12.14}
+      "0": {input: fx8.4, weight: fx8.7, activation: fx12.6, error: fx12.11, weight_grad: fx12.14,
+            momentum: fp32, parameters: ["0.weight", "0.bias"]}
+      "2": {input: fx9.5, weight: fx8.7, activation: fx8.4, error: fx5.4, weight_grad: fx12.14,
+            momentum: fp32, parameters: ["2.weight", "2.bias"]}
+    keep_fp32: []               # trainable parameters left in float32, by choice (reported)
+    tied: {}                    # alias -> the parameter name that stores it (planned once)
     softmax_input: fx8.4        # z - max(z) at the last layer's output; the class-count bound
     softmax_error: fx5.4        # p - y, before the 1/batch mean
     softmax_error_rows: zero-sum  # the target's error is minus the rounded others (or: each)
@@ -24,9 +28,18 @@ from .files import check_header, header
 from .formats import FixedPoint, Format
 from .schema import Fields
 
-TENSORS = ("weight", "activation", "error", "weight_grad")
-PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "softmax_input", "softmax_error", "softmax_error_rows",
-             "optimizer", "reasons", "summary", "source", "verify")
+# The tensor roles of a planned layer, the one definition every module uses:
+#   input       the operand entering the layer's matmul/conv (residual sums, pooled values, the model input)
+#   weight      the parameters as the optimizer stores them
+#   activation  the layer's output (every floating tensor of a tuple output)
+#   error       the gradient arriving at that output
+#   weight_grad the accumulated gradient of each parameter
+#   momentum    the optimizer's momentum buffer
+TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum")
+# Roles a plan written before they existed may leave out: they are then float32 (and reported as such).
+OPTIONAL_TENSORS = ("input", "momentum")
+PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "keep_fp32", "tied", "softmax_input", "softmax_error",
+             "softmax_error_rows", "optimizer", "reasons", "summary", "source", "verify")
 # How the rounded softmax error is formed: "zero-sum" (the target's error is minus the sum of
 # the rounded non-target errors, so every row sums to zero) or "each" (every entry rounded).
 ERROR_ROWS = ("zero-sum", "each")
@@ -44,6 +57,10 @@ class Plan:
     output_layer: str | None = None
     reasons: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    # Per layer, the qualified parameter names its weight format stores; None: the module's own.
+    parameters: dict[str, list[str] | None] = field(default_factory=dict)
+    keep_fp32: tuple[str, ...] = ()
+    tied: dict[str, str] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         optimizer: dict[str, Any] = {"kahan": self.kahan}
@@ -53,7 +70,9 @@ class Plan:
             "lpcli": header("plan"),
             "classes": self.classes,
             "output_layer": self.output_layer,
-            "layers": {name: {t: str(fmts[t]) for t in TENSORS} for name, fmts in self.layers.items()},
+            "layers": {name: self._layer_document(name) for name in self.layers},
+            "keep_fp32": list(self.keep_fp32),
+            "tied": dict(self.tied),
             "softmax_input": str(self.softmax_input),
             "softmax_error": str(self.softmax_error),
             "softmax_error_rows": self.softmax_error_rows,
@@ -64,6 +83,12 @@ class Plan:
         if self.summary:
             doc["summary"] = self.summary
         return doc
+
+    def _layer_document(self, name: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {t: str(self.layers[name][t]) for t in TENSORS}
+        if self.parameters.get(name) is not None:
+            entry["parameters"] = list(self.parameters[name])
+        return entry
 
     def with_fraction_bits(self, tensor: str, width: int) -> Plan:
         """The same plan with every fixed-point ``tensor`` format at ``width`` bits,
@@ -102,10 +127,16 @@ def plan_from_document(doc: Any, source: str) -> Plan:
     layers_section = top.section("layers", required=True)
     if not layers_section.value:
         layers_section.fail("has no layers")
-    layers = {}
+    layers: dict[str, dict[str, Format]] = {}
+    parameters: dict[str, list[str] | None] = {}
     for name, raw in layers_section.value.items():
-        entry = Fields(source, layers_section.sub(name), raw, TENSORS)
-        layers[str(name)] = {t: entry.format(t) for t in TENSORS}
+        entry = Fields(source, layers_section.sub(name), raw, TENSORS + ("parameters",))
+        layers[str(name)] = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None) for t in TENSORS}
+        parameters[str(name)] = _names(entry, "parameters") if entry.has("parameters") else None
+    keep_fp32 = _names(top, "keep_fp32") if top.has("keep_fp32") else []
+    tied = top.section("tied").value
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        top.fail("must map parameter names to parameter names", field="tied")
     optimizer = top.section("optimizer", ("kahan", "comp_format"))
     classes = top.integer("classes", low=2) if doc.get("classes") is not None else None
     output_layer = doc.get("output_layer")
@@ -122,6 +153,9 @@ def plan_from_document(doc: Any, source: str) -> Plan:
         output_layer=None if output_layer is None else str(output_layer),
         reasons=doc.get("reasons") or {},
         summary=doc.get("summary") or {},
+        parameters=parameters,
+        keep_fp32=tuple(keep_fp32),
+        tied=dict(tied),
     )
     if plan.output_layer is not None:
         entry = plan.layers[plan.output_layer]
@@ -131,3 +165,12 @@ def plan_from_document(doc: Any, source: str) -> Plan:
                          f"layer's {tensor} is the softmax's; make them equal",
                          field=f"layers.{plan.output_layer}.{tensor}")
     return plan
+
+
+def _names(fields: Fields, key: str) -> list[str]:
+    value = fields.value.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        fields.fail("must be a list of parameter names", field=fields.sub(key))
+    return list(value)

@@ -18,10 +18,10 @@ from typing import Any
 from .errors import InputError
 from .files import write_bytes_atomic
 from .formats import FormatError, parse_format
+from .plan import TENSORS
 
 DPI = 100
 FIGSIZE = (8.0, 4.5)  # inches: 800 x 450 pixels
-TENSORS = ("weight", "activation", "error", "weight_grad")
 RUN_COLORS = {"fp32": "#444444", "plain": "#d62728", "kahan": "#1f77b4", "stochastic": "#2ca02c"}
 
 
@@ -137,8 +137,8 @@ def _diagnostics_figure(report: Mapping[str, Any]) -> Any:
 
 
 def plot_plan(plan_document: Mapping[str, Any], directory: str | Path, prefix: str = "plan") -> list[Path]:
-    """Draw a plan: ``<prefix>-widths.png``, each layer's bit width per tensor (weights,
-    activations, errors, weight gradients; fraction bits hatched within fixed-point bars),
+    """Draw a plan: ``<prefix>-widths.png``, each layer's bit width per tensor role (inputs,
+    weights, activations, errors, weight gradients, momentum; fraction bits hatched within fixed-point bars),
     with the softmax input and error formats in the title. Returns the paths written."""
     figure, axes = _figure()
     folder = _directory(directory)
@@ -148,7 +148,7 @@ def plot_plan(plan_document: Mapping[str, Any], directory: str | Path, prefix: s
     output = plan_document.get("output_layer")
     width = 0.8 / len(TENSORS)
     tallest = 8
-    colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
+    colors = ("#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f")
     for t, (tensor, color) in enumerate(zip(TENSORS, colors, strict=True)):
         bits, frac = [], []
         for name in names:
@@ -169,7 +169,7 @@ def plot_plan(plan_document: Mapping[str, Any], directory: str | Path, prefix: s
     ax.set_ylabel("bits (hatched: fraction bits)")
     ax.set_ylim(0, tallest * 1.25)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncols=4, loc="upper left")
+    ax.legend(fontsize="small", ncols=6, loc="upper left")
     ax.set_title(f"plan: {plan_document.get('classes', '?')} classes, softmax input "
                  f"{plan_document.get('softmax_input', '?')}, error {plan_document.get('softmax_error', '?')}",
                  fontsize="medium")

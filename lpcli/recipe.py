@@ -11,11 +11,11 @@ from .errors import InputError, did_you_mean
 from .files import read_document
 from .formats import Format
 from .models import validate_model_spec
+from .plan import TENSORS
 from .schema import Fields
 
 RECIPE_KEYS = ("model", "data", "training", "precision", "description")
 TRAINING_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "steps", "seed", "analyze_steps")
-TENSORS = ("weight", "activation", "error", "weight_grad")
 PRECISION_KEYS = TENSORS + ("softmax_input", "softmax_error", "layers", "kahan")
 DEFAULT_RECIPE = "digits-mlp"
 
@@ -52,6 +52,11 @@ class Recipe:
     training: Training
     precision: Precision
     base_dir: Path
+
+    @property
+    def model_label(self) -> str:
+        """How errors name the model: its import target, or the recipe's layer list."""
+        return self.model.get("import", "the layer list")
 
 
 def recipes_dir() -> Path:

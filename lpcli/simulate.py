@@ -1,6 +1,10 @@
-"""Low-precision simulation of any ``nn.Module``: each planned layer's output
-(activation) is rounded in the forward pass, the gradient arriving at that output
-(the error) in the backward pass, and the weight gradients once accumulated.
+"""Low-precision simulation of any ``nn.Module``: each planned layer rounds its input
+operand (every floating tensor it is called with: the model input, residual sums and
+pooled values enter every matmul on a grid) and its output (activation; every floating
+tensor of a tuple output, as an RNN's or attention's) in the forward pass, the gradient
+arriving at that output (the error) in the backward pass, and the weight gradients once
+accumulated. The input's rounding passes the gradient straight through: that gradient
+is rounded where it arrives, at the output of the layer that produced the input.
 The model's output feeds a softmax cross-entropy whose input ``z - max(z)`` and
 error ``p - y`` (before the 1/batch mean) are rounded to the softmax formats. The
 target's error is then replaced by minus the sum of the rounded non-target errors, so
@@ -22,8 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import DynamicFixedPoint, Float32, Format, quantize
+from .models import floating_tensors, map_floating, module_name
 
 COUNT_FIELDS = ("elements", "nonzero", "saturated", "underflow")
+# What the simulator never rounds, whatever the plan says: the hardware computes these in
+# formats lpcli does not model yet, and every report lists them as float32.
+NOT_SIMULATED = (
+    "matmul and convolution accumulators (products summed in float32)",
+    "the softmax's exp, sum and log",
+    "values inside a planned module between its input and its output (an RNN's gates and state per step, "
+    "attention scores and probabilities, a norm's mean and variance)",
+    "outputs of modules without parameters (activation functions, pooling, residual sums) until they enter a "
+    "planned layer",
+)
 
 
 class Counter:
@@ -76,6 +91,30 @@ class _QuantizeOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.point.backward(grad), None
+
+
+class _QuantizeInput(torch.autograd.Function):
+    """Forward: round the operand entering a layer. Backward: straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, point: _InputPoint) -> torch.Tensor:
+        return point.forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _InputPoint:
+    def __init__(self, simulator: Simulator, fmt: Format) -> None:
+        self.simulator, self.format = simulator, fmt
+        self.counts = Counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = quantize(x, self.format, self.simulator.rounding, self.simulator.generator)
+        if self.simulator.recording:
+            self.counts.record(x, q, self.format)
+        return q
 
 
 class _LayerPoint:
@@ -134,10 +173,13 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 class Simulator:
     """Attach quantization to ``model`` for the layers in ``layers``.
 
-    ``layers`` maps a qualified module name to ``{"activation": fmt, "error": fmt,
-    "weight_grad": fmt}``. ``output_layer`` names the layer whose output is the model's
-    output: the softmax formats stand in for its activation and error, so they are not
-    applied twice. Call :meth:`remove` to detach.
+    ``layers`` maps a layer name (a qualified module name, ``"(root)"`` for the model
+    itself) to ``{"input": fmt, "activation": fmt, "error": fmt, "weight_grad": fmt}``
+    (a missing role is float32). ``output_layer`` names the layer whose output is the
+    model's output: the softmax formats stand in for its activation and error, so they
+    are not applied twice (nor at the root, whose output is the model's). ``parameters``
+    gives the tensors whose gradients each layer rounds (default: the module's own;
+    pass each tied tensor under one layer only). Call :meth:`remove` to detach.
     """
 
     def __init__(
@@ -150,9 +192,10 @@ class Simulator:
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
         zero_sum_error: bool = True,
+        parameters: Mapping[str, list[torch.Tensor]] | None = None,
     ) -> None:
-        modules = dict(model.named_modules())
-        missing = [name for name in layers if name not in modules]
+        modules = {name: dict(model.named_modules()).get(module_name(name)) for name in layers}
+        missing = [name for name, module in modules.items() if module is None]
         if missing:
             raise KeyError(f"model has no layer named {', '.join(map(repr, missing))}")
         self.model = model
@@ -161,21 +204,29 @@ class Simulator:
         self.zero_sum_error = zero_sum_error
         self.recording = True
         self.points: dict[str, _LayerPoint] = {}
+        self.inputs: dict[str, _InputPoint] = {}
         self.grad_counts: dict[str, Counter] = {}
         self.softmax_input_counts, self.softmax_error_counts = Counter(), Counter()
         self.target_error_counts = torch.zeros(2, dtype=torch.float64)  # non-zero, flushed
         self._handles: list[Any] = []
+        fp32 = Float32()
         for name, formats in layers.items():
             module = modules[name]
-            quantized = not (isinstance(formats["activation"], Float32) and isinstance(formats["error"], Float32))
-            if name != output_layer and quantized:
-                point = _LayerPoint(self, formats["activation"], formats["error"])
+            input_format = formats.get("input", fp32)
+            if not isinstance(input_format, Float32):
+                self.inputs[name] = _InputPoint(self, input_format)
+                self._handles.append(module.register_forward_pre_hook(_input_hook(self.inputs[name])))
+            activation, error = formats.get("activation", fp32), formats.get("error", fp32)
+            quantized = not (isinstance(activation, Float32) and isinstance(error, Float32))
+            if name != output_layer and module is not model and quantized:
+                point = _LayerPoint(self, activation, error)
                 self.points[name] = point
                 self._handles.append(module.register_forward_hook(_output_hook(point)))
-            grad_format = formats["weight_grad"]
-            if not isinstance(grad_format, Float32):
+            grad_format = formats.get("weight_grad", fp32)
+            params = list(module.parameters(recurse=False)) if parameters is None else parameters.get(name, [])
+            if not isinstance(grad_format, Float32) and params:
                 counter = self.grad_counts[name] = Counter()
-                for param in module.parameters(recurse=False):
+                for param in params:
                     self._handles.append(param.register_post_accumulate_grad_hook(
                         _grad_hook(grad_format, counter, self)))
 
@@ -188,6 +239,8 @@ class Simulator:
     def counts(self) -> dict[str, Any]:
         """Totals per layer and tensor, and for the softmax."""
         layers: dict[str, dict[str, dict[str, float]]] = {}
+        for name, point in self.inputs.items():
+            layers.setdefault(name, {})["input"] = point.counts.as_dict()
         for name, point in self.points.items():
             layers.setdefault(name, {})["activation"] = point.activation_counts.as_dict()
             layers[name]["error"] = point.error_counts.as_dict()
@@ -203,6 +256,14 @@ class Simulator:
             "non_target_flushed": (error["underflow"] - target_flushed) / counted if counted else None,
         }
 
+    def never_called(self) -> list[str]:
+        """Layers with an input or output to round whose hooks never fired: modules whose
+        parent uses their parameters without calling them (attention's ``out_proj``)."""
+        names = [*self.inputs, *(n for n in self.points if n not in self.inputs)]
+        return [name for name in names
+                if not (name in self.inputs and self.inputs[name].counts.totals is not None)
+                and not (name in self.points and self.points[name].activation_counts.totals is not None)]
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -210,8 +271,20 @@ class Simulator:
 
 
 def _output_hook(point: _LayerPoint):
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return _QuantizeOutput.apply(output, point)
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        return map_floating(output, lambda t: _QuantizeOutput.apply(t, point))
+    return hook
+
+
+def _input_hook(point: _InputPoint):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        done: dict[int, torch.Tensor] = {}  # attention's query, key and value are often one tensor
+
+        def round_once(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in done:
+                done[id(t)] = _QuantizeInput.apply(t, point)
+            return done[id(t)]
+        return map_floating(args, round_once)
     return hook
 
 
@@ -233,7 +306,7 @@ class NonFiniteWatch:
 
     def __init__(self, model: nn.Module, layers: list[str]) -> None:
         modules = dict(model.named_modules())
-        self.layers = {name: modules[name] for name in layers}
+        self.layers = {name: modules[module_name(name)] for name in layers}
         self._flags: list[tuple[str, str, torch.Tensor]] = []
         self._handles: list[Any] = []
         for name, module in self.layers.items():
@@ -246,12 +319,13 @@ class NonFiniteWatch:
         self._flags.append((layer, tensor, torch.isfinite(x).all()))
 
     def _forward_hook(self, name: str):
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
-            self._record(name, "activation", output)
-            if output.requires_grad:
-                output.register_hook(lambda grad: self._record(name, "error", grad))
+            for tensor in floating_tensors(output):
+                self._record(name, "activation", tensor)
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda grad: self._record(name, "error", grad))
         return hook
 
     def end_step(self, loss: torch.Tensor) -> tuple[str, str] | None:

@@ -11,14 +11,22 @@ The stats schema is public, so a stats file made by a user's own loop (see
     layers:
       "0":
         module: Linear
-        parameters: 8320           # elements of the layer's parameters
+        parameters: 8320           # elements of the parameters the layer stores
+        parameter_names: ["0.weight", "0.bias"]
         activation_elements: 128   # output elements per sample
         weight: {absmax: 0.61, absmax_initial: 0.12, rms: 0.07, p50: .., p90: .., p99: .., p999: ..,
                  zero_share: 0.0, log2_hist: {lowest: -24, counts: [...]}}
-        activation: {...}          # the layer's output
+        input: {...}               # the floating-point operands the layer is called with
+        activation: {...}          # the layer's output (every floating tensor of a tuple)
         error: {...}               # gradient of the loss w.r.t. that output
         weight_grad: {...}
-        update: {...}              # |intended update| = |lr * (momentum buffer or gradient)|
+        momentum: {...}            # the optimizer's momentum buffer, when it has one
+        update: {...}              # |w_after - w_before|: the change the optimizer actually made
+    tied: {"b.weight": "a.weight"} # aliases of parameters stored under another name
+
+A layer is every module that registers a trainable parameter itself (``"(root)"`` for
+the model's own). A summary is ``{}`` when nothing was seen (an integer input, a
+module its parent never calls, no momentum buffer); recommend keeps that role float32.
 
 ``log2_hist`` counts non-zero magnitudes per binade: ``counts[i]`` is the number in
 ``[2^(lowest+i), 2^(lowest+i+1))``. Percentiles are of magnitudes, from a seeded
@@ -41,12 +49,22 @@ from .data import Dataset, batch_indices, load_data
 from .distributed import ieee_fp32, resolve_device
 from .errors import InputError
 from .files import check_header, header
-from .models import build_model, quantizable_layers
+from .models import (
+    ROOT,
+    build_model,
+    describe_exception,
+    floating_tensors,
+    ownership,
+    parameter_layers,
+    run_model,
+    trainable_parameters,
+)
+from .plan import OPTIONAL_TENSORS, TENSORS
 from .recipe import Recipe, load_recipe
 from .schema import Fields
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
-TENSOR_KINDS = ("weight", "activation", "error", "weight_grad", "update")
+TENSOR_KINDS = (*TENSORS, "update")
 HIST_LOW, HIST_HIGH = -160, 128
 SAMPLES_PER_STEP = 4096
 
@@ -104,74 +122,119 @@ class TensorSummary:
 
 
 class StatsCollector:
-    """Collect layer statistics from any training loop::
+    """Collect layer statistics from any training loop, under any optimizer::
 
-        stats = StatsCollector(model, lr=0.05)      # before training
+        stats = StatsCollector(model, lr=0.05, optimizer=optimizer)   # before training
         ... loss.backward(); stats.step(); optimizer.step() ...
         stats.save("stats.yaml", classes=10)
 
-    ``step()`` after ``backward()`` records weights, weight gradients and the update
-    SGD will apply (it keeps its own momentum buffer when ``momentum`` is set).
-    Activations and errors are recorded by hooks during forward and backward.
+    ``step()`` once per iteration (after ``backward()``) records the weights, the weight
+    gradients, the update each parameter actually received since the previous call
+    (``|w_now - w_then|``, whatever the optimizer does) and, with ``optimizer``, its
+    momentum buffers. Inputs, activations and errors are recorded by hooks.
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 layers: list[str] | None = None, seed: int = 0) -> None:
+                 layers: list[str] | None = None, seed: int = 0,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        modules = quantizable_layers(model)
+        self.optimizer = optimizer
+        modules = parameter_layers(model)
         names = list(modules) if layers is None else layers
         self.layers = {name: modules[name] for name in names}
+        owned = ownership(model)
+        trainable = trainable_parameters(model)
+        self.parameter_names = {name: owned.parameters.get(name, []) for name in names}
+        self.params = {name: [trainable[n] for n in pnames] for name, pnames in self.parameter_names.items()}
+        self.tied = owned.tied
         generator = torch.Generator().manual_seed(seed)
         self.summaries = {name: {kind: TensorSummary(generator) for kind in TENSOR_KINDS} for name in names}
         self.activation_elements: dict[str, int] = {}
-        self.buffers: dict[torch.Tensor, torch.Tensor] = {}
+        self.previous: dict[int, torch.Tensor] = {}
         self.steps = 0
         self.batch_size: int | None = None
-        self._handles = [module.register_forward_hook(self._forward_hook(name))
-                         for name, module in self.layers.items()]
-        self._outputs: dict[int, tuple[str, torch.Tensor]] = {}  # held until the forward ends: ids stay unique
+        self._handles = []
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            if module is not model:  # the model's own output is the logits: the softmax's
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        self._outputs: dict[int, str] = {}  # tensors held until the forward ends: ids stay unique
+        self._held: list[torch.Tensor] = []
         self.output_layer: str | None = None
+        self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
         self._handles.append(model.register_forward_hook(self._model_hook))
 
+    def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if tensors and tensors[0].ndim and torch.is_grad_enabled():
+            self.batch_size = tensors[0].shape[0]
+
     def _model_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        """Note which layer's output is the model's output (the logits)."""
-        if isinstance(output, torch.Tensor) and id(output) in self._outputs:
-            self.output_layer = self._outputs[id(output)][0]
+        """Note which layer's output is the model's output (the logits): a layer that returned
+        that tensor, else the model itself when it is a layer (it computes the logits)."""
+        if isinstance(output, torch.Tensor) and torch.is_grad_enabled():
+            if id(output) in self._outputs:
+                self.output_layer = self._outputs[id(output)]
+            elif ROOT in self.layers:
+                self.output_layer = ROOT
         self._outputs.clear()
+        self._held.clear()
+
+    def _input_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not torch.is_grad_enabled():
+                return
+            seen: set[int] = set()
+            for tensor in floating_tensors(args):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    self.summaries[name]["input"].add(tensor)
+        return hook
 
     def _forward_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():
                 return
-            self._outputs[id(output)] = (name, output)
-            self.summaries[name]["activation"].add(output)
-            self.activation_elements[name] = output[0].numel()
-            self.batch_size = output.shape[0]
-            if output.requires_grad:
-                output.register_hook(lambda grad: self.summaries[name]["error"].add(grad))
+            tensors = floating_tensors(output)
+            if not tensors:
+                return
+            elements = 0
+            for tensor in tensors:
+                self._outputs[id(tensor)] = name
+                self._held.append(tensor)
+                self.summaries[name]["activation"].add(tensor)
+                elements += tensor.numel()
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda grad: self.summaries[name]["error"].add(grad))
+            if self.batch_size:
+                self.activation_elements[name] = elements // self.batch_size
         return hook
 
     @torch.no_grad()
     def step(self) -> None:
-        """Record weights, weight gradients and intended updates (call after backward)."""
-        for name, module in self.layers.items():
-            params = [p for p in module.parameters(recurse=False) if p.grad is not None]
-            if not params:
-                continue
+        """Record weights, weight gradients, the updates since the last call and the momentum
+        buffers (call once per iteration, after backward)."""
+        for name, params in self.params.items():
             summary = self.summaries[name]
-            summary["weight"].add(torch.cat([p.flatten() for p in params]))
-            summary["weight_grad"].add(torch.cat([p.grad.flatten() for p in params]))
-            updates = []
+            if params:
+                summary["weight"].add(torch.cat([p.flatten() for p in params]))
+            grads = [p.grad.flatten() for p in params if p.grad is not None]
+            if grads:
+                summary["weight_grad"].add(torch.cat(grads))
+            updates = [(p - self.previous[id(p)]).flatten() for p in params if id(p) in self.previous]
+            if updates:
+                summary["update"].add(torch.cat(updates))
+            buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params] \
+                if self.optimizer is not None else []
+            buffers = [b.flatten() for b in buffers if isinstance(b, torch.Tensor)]
+            if buffers:
+                summary["momentum"].add(torch.cat(buffers))
             for p in params:
-                d = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p
-                if self.momentum:
-                    buf = self.buffers.get(p)
-                    buf = d.clone() if buf is None else buf.mul_(self.momentum).add_(d)
-                    self.buffers[p] = buf
-                    d = buf
-                updates.append((d * self.lr).flatten())
-            summary["update"].add(torch.cat(updates))
+                if id(p) in self.previous:
+                    self.previous[id(p)].copy_(p)
+                else:
+                    self.previous[id(p)] = p.detach().clone()
         self.steps += 1
 
     def remove(self) -> None:
@@ -184,7 +247,8 @@ class StatsCollector:
         for name, module in self.layers.items():
             entry: dict[str, Any] = {
                 "module": type(module).__name__,
-                "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
+                "parameters": sum(p.numel() for p in self.params[name]),
+                "parameter_names": list(self.parameter_names[name]),
                 "activation_elements": self.activation_elements.get(name, 0),
             }
             for kind, summary in self.summaries[name].items():
@@ -200,6 +264,7 @@ class StatsCollector:
             "training": {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
                          "batch_size": self.batch_size, "steps": self.steps},
             "layers": layers,
+            "tied": dict(self.tied),
         }
 
     def save(self, path: str, classes: int, output_layer: str | None = None) -> None:
@@ -230,17 +295,18 @@ def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | 
     training = recipe.training
     steps = training.analyze_steps if steps is None else steps
     seed, data, model = prepare_run(recipe, seed, data, device)
-    layers = quantizable_layers(model)
-    if not layers:
-        raise InputError(recipe.source, "model", "has no layer with a weight to analyze")
+    if not parameter_layers(model):
+        raise InputError(recipe.source, "model", "has no trainable parameter to analyze")
     optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
                                 weight_decay=training.weight_decay)
-    collector = StatsCollector(model, training.lr, training.momentum, training.weight_decay, seed=seed)
+    collector = StatsCollector(model, training.lr, training.momentum, training.weight_decay, seed=seed,
+                               optimizer=optimizer)
     model.train()
     for step, index in enumerate(batch_indices(len(data.y_train), training.batch_size, steps, seed)):
         index = index.to(device)  # drawn on the CPU: the same batches on every device
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
+        logits = run_model(model, data.x_train[index], recipe.source, recipe.model_label)
+        loss = F.cross_entropy(logits, data.y_train[index])
         loss.backward()
         collector.step()
         optimizer.step()
@@ -260,32 +326,37 @@ def prepare_run(recipe: Recipe, seed: int | None, data: Dataset | None,
     data = (load_data(recipe.data, recipe.source) if data is None else data).to(device)
     torch.manual_seed(seed)
     model = build_model(recipe.model, recipe.source, recipe.base_dir).to(device)
-    check_model_output(model, data, recipe.source)
+    check_model_output(model, data, recipe.source, recipe.model_label)
     return seed, data, model
 
 
-def check_model_output(model: nn.Module, data: Dataset, source: str) -> None:
-    """The model must map a batch of the data to one logit per class."""
+def check_model_output(model: nn.Module, data: Dataset, source: str, name: str = "the model") -> None:
+    """The model (``name``: its import target) must map a batch of the data to one logit per class."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(data.x_train[:2])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise InputError(source, "model", f"does not accept the data's samples of shape "
-                         f"{tuple(data.x_train.shape[1:])}: {first}") from None
+    except (KeyboardInterrupt, InputError):
+        raise
+    except Exception as exc:  # the user's forward: any failure is theirs to fix
+        dtype = str(data.x_train.dtype).removeprefix("torch.")
+        raise InputError(source, "model", f"{name} does not accept the data's samples of shape "
+                         f"{tuple(data.x_train.shape[1:])} ({dtype}): {describe_exception(exc)}") from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise InputError(source, "model", f"{name} returns {type(out).__name__}, not a (batch, classes) tensor "
+                         "of logits")
     if out.ndim != 2 or out.shape[1] != data.classes:
-        raise InputError(source, "model", f"outputs shape {tuple(out.shape[1:])} per sample, "
+        raise InputError(source, "model", f"{name} outputs shape {tuple(out.shape[1:])} per sample, "
                          f"but the data has {data.classes} classes")
 
 
 def validate_stats(doc: Any, source: str) -> dict[str, Any]:
     """Check a stats document (possibly produced elsewhere) before recommend uses it."""
     doc = check_header(doc, source, "stats")
-    top = Fields(source, "", doc, ("lpcli", "source", "classes", "output_layer", "training", "layers"))
+    top = Fields(source, "", doc, ("lpcli", "source", "classes", "output_layer", "training", "layers", "tied"))
     top.integer("classes", low=2)
     if doc.get("output_layer") is not None and not isinstance(doc["output_layer"], str):
         top.fail("must be a layer name (string) or null", field="output_layer")
@@ -295,12 +366,17 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
     if not layers.value:
         layers.fail("has no layers")
     for name, raw in layers.value.items():
-        layer = Fields(source, layers.sub(name), raw, ("module", "parameters", "activation_elements") + TENSOR_KINDS)
+        layer = Fields(source, layers.sub(name), raw,
+                       ("module", "parameters", "parameter_names", "activation_elements") + TENSOR_KINDS)
         layer.integer("parameters", 0, low=0)
         layer.integer("activation_elements", 0, low=0)
-        for kind in ("weight", "activation", "error", "weight_grad", "update"):
+        for kind in TENSOR_KINDS:
+            # Written before these roles existed: absent. Nothing seen: empty.
             summary = layer.section(kind, ("absmax", "absmax_initial", "rms", "zero_share", "log2_hist") +
-                                    tuple(QUANTILES), required=True)
+                                    tuple(QUANTILES), required=kind not in OPTIONAL_TENSORS)
+            if not summary.value:
+                raw[kind] = {}
+                continue
             for key in ("absmax", "rms"):
                 summary.number(key, low=0.0)
             for key in QUANTILES:

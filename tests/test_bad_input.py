@@ -110,6 +110,17 @@ RECIPE_CASES = [
     ("data", {"name": "synthetic", "classes": 10, "dim": 4, "samples": 100, "noise": -1}, "data.noise", ">= 0"),
     ("data", {"name": "npz"}, "data.path", "missing"),
     ("data", {"name": "npz", "path": "nowhere.npz"}, "data.path", "file not found"),
+    ("data.test_fraction", 0.9999, "data.test_fraction", "none to train on"),
+    ("data.standardize", "yes", "data.standardize", "true or false"),
+    ("data.standardize", "false", "data.standardize", "true or false"),
+    ("data.standardize", 1, "data.standardize", "true or false"),
+    ("data.standardize", 0, "data.standardize", "true or false"),
+    ("data.standardize", [True], "data.standardize", "true or false"),
+    ("data.standardise", False, "data.standardise", "did you mean 'standardize'"),
+    ("data", {"name": "synthetic", "classes": 10, "dim": 64, "samples": 100, "standardize": "no"},
+     "data.standardize", "true or false"),
+    ("data", {"name": "npz", "path": "nowhere.npz", "standardize": 1.0}, "data.standardize", "true or false"),
+    ("data", {"name": "mnist1d", "standardize": "off"}, "data.standardize", "true or false"),
     ("training.lr", -1, "training.lr", "> 0"),
     ("training.lr", 0, "training.lr", "> 0"),
     ("training.lr", "fast", "training.lr", "must be a number"),
@@ -333,6 +344,48 @@ def test_bad_npz(tmp_path, case):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(mutated(BASE, "data", {"name": "npz", "path": "data.npz", "classes": 10})))
     assert_bad_input(run_cli("analyze", recipe), data, field, message)
+
+
+def npz_cases_without_classes():
+    """Cases where the recipe declares no data.classes, so labels are remapped, or that need
+    a data option: (id, arrays, extra data keys, field, message)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 64)), np.arange(40) % 10
+    tokens = rng.integers(0, 100, size=(40, 64))
+    return [
+        ("one label", {"x": x, "y": np.full(40, 3)}, {}, "y", "single label 3 in y"),
+        ("one label with test", {"x": x, "y": np.full(40, 7), "x_test": x[:8], "y_test": np.full(8, 7)}, {},
+         "y", "single label 7 in y and y_test"),
+        ("one label as tokens", {"x": tokens, "y": np.full(40, 12)}, {"standardize": False}, "y", "single label"),
+        ("ids beyond int64", {"x": np.full((40, 64), 2**63 + 5, dtype=np.uint64), "y": y}, {}, "x", "beyond int64"),
+        ("raw beyond float32", {"x": np.where(x > 2, 1e39, x), "y": y}, {"standardize": False}, "x", "float32"),
+        ("complex", {"x": x.astype(complex), "y": y}, {}, "x", "must be real"),
+        ("bool labels", {"x": x, "y": y > 4}, {}, "y", "integer"),
+        ("too few to split", {"x": tokens[:3], "y": np.arange(3)}, {}, "x", "at least 4 samples"),
+        ("test without labels", {"x": tokens, "y": y, "x_test": tokens}, {"standardize": True}, "y_test",
+         "come together"),
+    ]
+
+
+@pytest.mark.parametrize("case", npz_cases_without_classes(), ids=lambda c: c[0])
+def test_bad_npz_without_declared_classes(tmp_path, case):
+    _, arrays, extra, field, message = case
+    data = tmp_path / "data.npz"
+    np.savez(data, **arrays)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(mutated(BASE, "data", {"name": "npz", "path": "data.npz", **extra})))
+    out = tmp_path / "stats.yaml"
+    assert_bad_input(run_cli("analyze", recipe, "-o", out), data, field, message, out)
+
+
+def test_npz_with_one_label_and_declared_classes_is_not_refused_for_it(tmp_path):
+    """Declared classes keep today's behaviour: labels are taken as given."""
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(40, 64)), y=np.full(40, 3))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(mutated(BASE, "data", {"name": "npz", "path": "data.npz", "classes": 10})))
+    result = run_cli("analyze", recipe, "--steps", "2", "-o", tmp_path / "stats.yaml")
+    assert result.exit_code == 0, result.stderr
 
 
 def test_npz_that_is_not_npz(tmp_path):

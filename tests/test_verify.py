@@ -9,7 +9,7 @@ import torch
 
 from lpcli.files import read_document
 from lpcli.formats import FixedPoint
-from lpcli.plan import plan_from_document
+from lpcli.plan import TENSORS, plan_from_document
 from lpcli.recipe import load_recipe
 from lpcli.recommend import recommend, summarize
 from lpcli.stats import analyze
@@ -101,7 +101,8 @@ def test_cli_verify_json_shape_and_output(small_recipe, tmp_path):
         assert set(entry) >= {"round", "passed", "fp32_accuracy", "kahan_accuracy", "gap_points", "overall_bits",
                               "vs_16bit", "widened"}
     assert result.exit_code == (0 if section["passed"] else 1)
-    assert all(int(f.split(".")[0][2:]) <= 4 for fmts in doc["layers"].values() for f in fmts.values())
+    formats = [entry[t] for entry in doc["layers"].values() for t in TENSORS]
+    assert all(f == "fp32" or int(f.split(".")[0][2:]) <= 4 for f in formats)  # fp32: nothing seen to round
     if not section["passed"]:  # 4 bits everywhere: nothing may be widened beyond the limit, and it says so
         assert section["rounds"][-1].get("stopped") or len(section["rounds"]) == 3
     written = read_document(out)
@@ -129,18 +130,18 @@ def test_verify_needs_a_recipe(tmp_path):
 def test_weights_at_the_range_limit_are_counted_and_blamed_on_the_range():
     from torch import nn
 
-    from lpcli.check import _weights_at_limit
     from lpcli.formats import parse_format
-    from lpcli.plan import Plan
+    from lpcli.plan import TENSORS, Plan
+    from lpcli.simulation import Simulation
     from lpcli.verify import blame
 
     layer = nn.Linear(2, 2)  # fx4.2: range [-2, 1.75]
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.75, -2.0], [0.5, 0.25]]))
         layer.bias.copy_(torch.tensor([0.0, 1.75]))
-    fmts = {t: parse_format("fx4.2") for t in ("weight", "activation", "error", "weight_grad")}
+    fmts = {t: parse_format("fx4.2") for t in TENSORS}
     plan = Plan(layers={"0": fmts}, softmax_input=parse_format("fp32"), softmax_error=parse_format("fp32"))
-    shares = _weights_at_limit(nn.Sequential(layer), plan)
+    shares = Simulation(nn.Sequential(layer), plan).weights_at_limit()
     assert shares == {"0": 3 / 6}
     report = {"runs": {"kahan": {"diverged": False}},
               "diagnostics": {"0": {"weight_saturated": {"kahan": 0.5}, "lost_mass": {"kahan": 0.9}}}}

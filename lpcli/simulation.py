@@ -1,0 +1,282 @@
+"""Apply a plan to your own model in your own training loop::
+
+    plan = lpcli.load_plan("plan.yaml")
+    with lpcli.Simulation(model, plan) as sim:          # hooks on; removed on exit
+        optimizer = sim.optimizer(lr=0.05, momentum=0.9)  # the plan's Kahan SGD over its groups
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = sim.cross_entropy(model(x), y)       # the simulated softmax loss
+            loss.backward()
+            optimizer.step()
+        print(sim.evaluate(x_test, y_test).accuracy, sim.diagnostics())
+
+Every trainable parameter is stored by the optimizer in a planned format: the one of
+the layer whose ``parameters`` list names it, or float32 when the plan lists it in
+``keep_fp32``. A parameter in neither is an error (never a silent fp32 fallback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .files import read_document
+from .formats import Float32, quantize
+from .models import module_name, ownership, trainable_parameters
+from .optim import KahanSGD
+from .plan import TENSORS, Plan, plan_from_document
+from .simulate import NOT_SIMULATED, Simulator, shares
+
+KEEP_FP32 = "keep_fp32"  # the optimizer group of the parameters the plan keeps in float32
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan file (YAML or JSON) written by ``lpcli recommend``."""
+    return plan_from_document(read_document(path), str(path))
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The plan's parameters resolved on one model: the tensors each layer stores."""
+
+    layers: dict[str, list[tuple[str, nn.Parameter]]]
+    keep_fp32: list[tuple[str, nn.Parameter]]
+
+
+def resolve(plan: Plan, model: nn.Module, source: str = "plan") -> Groups:
+    """Check that ``plan`` fits ``model`` and covers every trainable parameter exactly once."""
+    modules = dict(model.named_modules())
+    for name in plan.layers:
+        if module_name(name) not in modules:
+            names = ", ".join(n for n in modules if n) or "none"
+            raise InputError(source, f"layers.{name}", f"the model has no layer {name!r} (modules: {names})")
+    trainable = trainable_parameters(model)
+    owned = ownership(model)
+    aliases = owned.tied
+    placed: dict[str, str] = {}
+
+    def take(names: list[str], where: str) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for pname in names:
+            canonical = aliases.get(pname, pname)
+            if canonical not in trainable:
+                raise InputError(source, where, f"the model has no trainable parameter {pname!r}")
+            if canonical in placed:
+                raise InputError(source, where, f"parameter {canonical!r} is already stored by {placed[canonical]}")
+            placed[canonical] = where
+            out.append((canonical, trainable[canonical]))
+        return out
+
+    layers = {}
+    for name in plan.layers:
+        names = plan.parameters.get(name)
+        if names is None:  # a plan without parameter lists: the module's own parameters
+            names = owned.parameters.get(name, [])
+        layers[name] = take(list(names), f"layers.{name}.parameters")
+    keep = take(list(plan.keep_fp32), KEEP_FP32)
+    missing = [n for n in trainable if n not in placed]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise InputError(source, "layers", f"trainable parameters in no layer's parameters and not in keep_fp32: "
+                         f"{shown}; plan them or list them in keep_fp32")
+    return Groups(layers, keep)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test accuracy as the simulated hardware predicts (argmax of the rounded softmax
+    input, ties to the lowest class index) and from the float32 logits, the simulated
+    loss, the share of rows whose top class is tied after rounding, and the predictions
+    behind the first."""
+
+    accuracy: float
+    accuracy_fp32_logits: float
+    loss: float
+    tied_rows: float
+    predictions: torch.Tensor
+
+
+class Simulation:
+    """The plan attached to ``model``: a context manager that adds every hook on entry and
+    removes every one on exit (or call :meth:`attach` / :meth:`detach`).
+
+    ``rounding`` and ``generator`` apply to the activations, errors and gradients
+    (``"nearest"`` by default); the optimizer has its own (see :meth:`optimizer`).
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, *, rounding: str = "nearest",
+                 generator: torch.Generator | None = None, source: str = "plan") -> None:
+        self.model, self.plan = model, plan
+        self.rounding, self.generator = rounding, generator
+        self.groups = resolve(plan, model, source)
+        self.simulator: Simulator | None = None
+        self._optimizer: KahanSGD | None = None
+        self._fastpath: bool | None = None
+
+    def __enter__(self) -> Simulation:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        if self.simulator is not None:
+            return
+        plan = self.plan
+        self.simulator = Simulator(
+            self.model, plan.layers, plan.softmax_input, plan.softmax_error, plan.output_layer,
+            rounding=self.rounding, generator=self.generator, zero_sum_error=plan.softmax_error_rows == "zero-sum",
+            parameters={name: [p for _, p in params] for name, params in self.groups.layers.items()})
+        # Fused attention fast paths skip the submodules' hooks: off while simulating.
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def detach(self) -> None:
+        if self.simulator is not None:
+            self.simulator.remove()
+        if self._fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
+
+    def _attached(self) -> Simulator:
+        if self.simulator is None:
+            raise RuntimeError("the simulation is not attached: use it in a `with` block or call attach()")
+        return self.simulator
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy through the plan's softmax formats."""
+        return self._attached().loss(logits, labels)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class the hardware picks: argmax of the rounded ``z - max(z)``, ties to the
+        lowest index (``torch.argmax`` returns the first maximum)."""
+        return self._rounded_logits(logits).argmax(dim=1)
+
+    def _rounded_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        shifted = logits - logits.amax(dim=1, keepdim=True)
+        return quantize(shifted, self.plan.softmax_input, self.rounding, self.generator)
+
+    def optimizer(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, *, mode: str | None = None,
+                  seed: int | None = None, **kwargs: Any) -> KahanSGD:
+        """:class:`lpcli.KahanSGD` over the plan's groups: each layer's parameters in its
+        weight format with its momentum format, the plan's compensation format, and the
+        ``keep_fp32`` parameters in float32. ``mode`` defaults to the plan's (``kahan`` or
+        ``plain``); other keyword arguments go to :class:`~lpcli.KahanSGD`."""
+        groups: list[dict[str, Any]] = []
+        for name, params in self.groups.layers.items():
+            if params:
+                fmts = self.plan.layers[name]
+                groups.append({"params": [p for _, p in params], "weight_format": fmts["weight"],
+                               "momentum_format": fmts["momentum"], "name": name})
+        if self.groups.keep_fp32:
+            groups.append({"params": [p for _, p in self.groups.keep_fp32], "weight_format": Float32(),
+                           "name": KEEP_FP32})
+        if mode is None:
+            mode = "kahan" if self.plan.kahan else "plain"
+        self._optimizer = KahanSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   comp_format=self.plan.comp_format, mode=mode, seed=seed, **kwargs)
+        return self._optimizer
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+        """The model in eval mode on ``inputs``, through the simulation (nothing counted)."""
+        sim = self._attached()
+        was_training, was_recording = self.model.training, sim.recording
+        self.model.eval()
+        sim.recording = False
+        try:
+            logits = self.model(inputs)
+            rounded = self._rounded_logits(logits)
+            predictions = rounded.argmax(dim=1)
+            tied = float(((rounded == rounded.amax(dim=1, keepdim=True)).sum(dim=1) > 1).float().mean())
+            loss = float(sim.loss(logits, labels))
+        finally:
+            sim.recording = was_recording
+            self.model.train(was_training)
+        return Evaluation(
+            accuracy=float((predictions == labels).float().mean()),
+            accuracy_fp32_logits=float((logits.argmax(dim=1) == labels).float().mean()),
+            loss=loss, tied_rows=tied, predictions=predictions)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Per layer and for the softmax, the shares that explain a gap to fp32 (the
+        ``diagnostics`` and ``softmax`` of a train-check report, for this one run)."""
+        counts = self._attached().counts()
+        layers: dict[str, dict[str, float | None]] = {name: {} for name in self.plan.layers}
+        if self._optimizer is not None:
+            for group in self._optimizer.diagnostics():
+                if group["name"] in layers:
+                    layers[group["name"]].update(lost_updates=group["lost_updates"], lost_mass=group["lost_mass"])
+        for name, share in self.weights_at_limit().items():
+            layers[name]["weight_saturated"] = share
+        for name, tensors in counts["layers"].items():
+            for tensor, c in tensors.items():
+                share = shares(c)
+                layers[name][f"{tensor}_underflow"] = share["underflow"]
+                layers[name][f"{tensor}_saturated"] = share["saturated"]
+        return {
+            "layers": layers,
+            "softmax": {
+                "logits_saturated": shares(counts["softmax_input"])["saturated"],
+                "non_target_errors_flushed": counts["non_target_flushed"],
+                "error_underflow": shares(counts["softmax_error"])["underflow"],
+            },
+        }
+
+    def weights_at_limit(self) -> dict[str, float | None]:
+        """Per layer, the share of stored weights at the format's range limit: weights that
+        kept growing and were clipped, so their updates were lost."""
+        out: dict[str, float | None] = {}
+        for name, params in self.groups.layers.items():
+            fmt = self.plan.layers[name]["weight"]
+            if not params or not hasattr(fmt, "max_value") or isinstance(fmt, Float32):
+                out[name] = None
+                continue
+            at_limit = sum(int(((p >= fmt.max_value) | (p <= fmt.min_value)).sum()) for _, p in params)
+            out[name] = at_limit / sum(p.numel() for _, p in params)
+        return out
+
+    def kept_fp32(self) -> list[str]:
+        """What the simulated hardware would hold that this simulation leaves in float32:
+        the plan's float32 roles and ``keep_fp32`` parameters, the model's buffers, layers
+        whose forward never ran, and what the simulator never rounds (see
+        :data:`lpcli.simulate.NOT_SIMULATED`)."""
+        out = [f"parameter {name} (keep_fp32)" for name, _ in self.groups.keep_fp32]
+        for name, fmts in self.plan.layers.items():
+            roles = [t for t in TENSORS if isinstance(fmts[t], Float32) and not _not_applicable(self, name, t)]
+            if name == self.plan.output_layer:
+                roles = [t for t in roles if t not in ("activation", "error")]
+            if roles:
+                out.append(f"layer {name}: {', '.join(roles)}")
+        if self.simulator is not None:
+            out += [f"layer {name}: its forward never ran (its parent uses its parameters directly)"
+                    for name in self.simulator.never_called()]
+        buffers = [n for n, b in self.model.named_buffers() if b.is_floating_point()]
+        if buffers:
+            out.append(f"buffers ({_shorten_list(buffers)})")
+        if isinstance(self.plan.softmax_input, Float32):
+            out.append("softmax input z - max(z)")
+        if isinstance(self.plan.softmax_error, Float32):
+            out.append("softmax error p - y")
+        return out + list(NOT_SIMULATED)
+
+
+def _not_applicable(sim: Simulation, layer: str, role: str) -> bool:
+    """A float32 role with nothing to hold: no parameters to store, or no momentum."""
+    if role in ("weight", "weight_grad", "momentum") and not sim.groups.layers.get(layer):
+        return True
+    if role == "momentum":
+        opt = sim._optimizer
+        return opt is None or not any(g["momentum"] for g in opt.param_groups)
+    return False
+
+
+def _shorten_list(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
