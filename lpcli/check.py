@@ -119,7 +119,8 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
                   f"{fp32_acc:.2%} (tolerance {tolerance:g})")
     return {
         "recipe": recipe.source,
-        "data": {"name": data.name, "classes": data.classes, "train": len(data.y_train), "test": len(data.y_test)},
+        "data": {"name": data.name, "classes": data.classes, "train": len(data.y_train), "test": len(data.y_test),
+                 "notes": list(data.notes), "imbalanced": data.imbalanced},
         "training": {"lr": training.lr, "momentum": training.momentum, "weight_decay": training.weight_decay,
                      "batch_size": training.batch_size, "steps": steps, "seed": seed},
         "device": distributed.describe_device(device, world),

@@ -66,6 +66,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="Where to run: cpu, cud
                                         "available, else cpu).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed (default: the recipe's).",
                                                 show_default=False)]
+FullOpt = Annotated[bool, typer.Option("--full", help="Show every layer (and every reason) in the tables; "
+                                       "without it, long models show the 12 layers that matter most.")]
 
 
 def _output_opt(what: str) -> Any:
@@ -215,6 +217,7 @@ def recommend_command(
     tolerance: Annotated[float, typer.Option(min=0.0, help="--verify: pass when the Kahan run is within this "
                                              "many points of fp32.")] = 1.0,
     seed: SeedOpt = None,
+    full: FullOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Recommend a format for every layer and tensor, each with its reason, and the softmax widths.
@@ -229,7 +232,7 @@ def recommend_command(
     used: dict[str, Any] = {}
     plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used)
     if not verify:
-        emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout), "plan")
+        emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout, full), "plan")
         return
     from .verify import verify as verify_plan
 
@@ -238,7 +241,7 @@ def recommend_command(
         plan, section = verify_plan(loaded, plan, used, tolerance=tolerance, rounds=rounds, max_bits=rules.widest,
                                     seed=seed, progress=progress)
     doc = {**plan.document(), "verify": section}
-    emit(doc, as_json, output, lambda: (render_plan(plan, stdout), _render_verify(section)), "plan")
+    emit(doc, as_json, output, lambda: (render_plan(plan, stdout, full), _render_verify(section)), "plan")
     if not section["passed"]:
         raise typer.Exit(1)
 
@@ -295,6 +298,7 @@ def train_check_command(
                                               "pip install 'lpcli[plot]').", show_default=False)] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "cpu",
+    full: FullOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train fp32, plain low-precision SGD and Kahan low-precision SGD side by side and report the diagnostics.
@@ -324,7 +328,7 @@ def train_check_command(
                              plan_source=str(plan_path or "plan"), progress=progress, stochastic=stochastic,
                              device=device)
     if main:
-        emit(report, as_json, output, lambda: render_check(report, stdout), "report")
+        emit(report, as_json, output, lambda: render_check(report, stdout, full), "report")
         if plot is not None:
             from .plots import plot_check, plot_plan
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -19,8 +20,40 @@ def _num(value: float | None) -> str:
 
 
 def _pair(values: dict[str, float | None], runs: tuple[str, ...] = ("plain", "kahan")) -> str:
-    """'plain / kahan' (or 'plain / kahan / stochastic') percentages."""
-    return "/".join("-" if values.get(run) is None else f"{values[run] * 100:.1f}" for run in runs)
+    """'plain / kahan' (or 'plain / kahan / stochastic') percentages: whole numbers from 10%,
+    one decimal below, so a cell stays narrow."""
+    return "/".join("-" if values.get(run) is None else _percent(values[run] * 100) for run in runs)
+
+
+def _percent(value: float) -> str:
+    return "0" if value == 0 else f"{value:.0f}" if value >= 9.95 else f"{value:.1f}"
+
+
+SHOWN_LAYERS = 12  # per-layer tables of longer models show this many rows unless --full
+NAME_WIDTH = 24
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """A layer name that fits a column: the start and the end kept, the middle elided."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 3
+    return f"{name[:head]}…{name[len(name) - (width - 1 - head):]}"
+
+
+def _shown(names: list[str], full: bool, rank: dict[str, float] | None = None) -> tuple[list[str], int]:
+    """The layers a table shows: all with ``full`` or when few; else the ``SHOWN_LAYERS``
+    ranked highest by ``rank`` (the first ones without it), kept in model order."""
+    if full or len(names) <= SHOWN_LAYERS:
+        return names, 0
+    order = sorted(names, key=lambda n: -(rank or {}).get(n, 0.0)) if rank else names
+    keep = set(order[:SHOWN_LAYERS])
+    return [n for n in names if n in keep], len(names) - SHOWN_LAYERS
+
+
+def _hidden_note(console: Console, hidden: int, what: str) -> None:
+    if hidden:
+        console.print(f"... {hidden} more layers not shown ({what}); --full shows every layer", highlight=False)
 
 
 def render_stats(doc: dict[str, Any], console: Console) -> None:
@@ -32,30 +65,55 @@ def render_stats(doc: dict[str, Any], console: Console) -> None:
     for col in ("absmax", "p99", "rms", "zeros"):
         table.add_column(col, justify="right")
     for name, layer in doc["layers"].items():
-        label = f"{name} ({layer['module']})" + (" [logits]" if name == doc.get("output_layer") else "")
-        for kind in ("weight", "activation", "error", "weight_grad", "update"):
+        label = f"{short_name(name)} ({layer['module']})" + (" [logits]" if name == doc.get("output_layer") else "")
+        kinds = [k for k in ("input", "weight", "activation", "error", "weight_grad", "momentum", "update")
+                 if layer.get(k)]
+        for index, kind in enumerate(kinds):
             s = layer[kind]
-            table.add_row(label if kind == "weight" else "", kind, _num(s.get("absmax")), _num(s.get("p99")),
+            table.add_row(label if index == 0 else "", kind, _num(s.get("absmax")), _num(s.get("p99")),
                           _num(s.get("rms")), _pct(s.get("zero_share"), 0))
         table.add_section()
     console.print(table)
 
 
-def render_plan(plan: Plan, console: Console) -> None:
-    table = Table(title="Plan", title_justify="left")
-    table.add_column("layer")
+ROLE_HEADERS = {"input": "input", "weight": "weight", "activation": "output", "error": "error",
+                "weight_grad": "w.grad", "momentum": "mom."}
+
+
+def render_plan(plan: Plan, console: Console, full: bool = False) -> None:
+    table = Table(title="Plan (per layer: the format of each tensor role)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", no_wrap=True)
     for tensor in TENSORS:
-        table.add_column(tensor)
-    for name, fmts in plan.layers.items():
-        label = name + (" [logits]" if name == plan.output_layer else "")
+        table.add_column(ROLE_HEADERS[tensor])
+    names, hidden = _shown(list(plan.layers), full)
+    for name in names:
+        fmts = plan.layers[name]
+        label = short_name(name) + (" *" if name == plan.output_layer else "")
         table.add_row(label, *(str(fmts[t]) for t in TENSORS))
+    table.caption = "*: the logits (output and error are the softmax's)"
+    table.caption_justify = "left"
     console.print(table)
+    _hidden_note(console, hidden, "in model order")
+    if plan.tied:
+        console.print(f"tied (stored once): {', '.join(f'{a} = {b}' for a, b in plan.tied.items())}",
+                      highlight=False)
+    if plan.keep_fp32:
+        console.print(f"kept in float32: {', '.join(plan.keep_fp32)}", highlight=False)
     console.print(f"softmax input [bold]{plan.softmax_input}[/]: {plan.reasons.get('softmax_input', '')}",
                   highlight=False)
     console.print(f"softmax error [bold]{plan.softmax_error}[/]: {plan.reasons.get('softmax_error', '')}",
                   highlight=False)
     console.print(f"optimizer: {plan.reasons.get('optimizer', 'Kahan on' if plan.kahan else 'plain SGD')}",
                   highlight=False)
+    if full or len(plan.layers) <= 4:
+        _render_reasons(plan, console)
+    else:
+        console.print("reasons for every format: --full, or the plan file (-o)", highlight=False)
+    _render_summary(plan, console)
+
+
+def _render_reasons(plan: Plan, console: Console) -> None:
     reasons = Table(title="Reasons", title_justify="left", show_lines=False)
     reasons.add_column("layer")
     reasons.add_column("tensor")
@@ -64,8 +122,11 @@ def render_plan(plan: Plan, console: Console) -> None:
     for name, fmts in plan.layers.items():
         for tensor in TENSORS:
             why = plan.reasons.get(name, {}).get(tensor, "")
-            reasons.add_row(name if tensor == "weight" else "", tensor, str(fmts[tensor]), why)
+            reasons.add_row(short_name(name) if tensor == TENSORS[0] else "", tensor, str(fmts[tensor]), why)
     console.print(reasons)
+
+
+def _render_summary(plan: Plan, console: Console) -> None:
     summary = plan.summary
     if summary.get("average_bits"):
         avg = summary["average_bits"]
@@ -85,20 +146,30 @@ def _where(report: dict[str, Any]) -> str:
     return f", on {device['type']}{name}" + (f" x {processes} processes" if processes > 1 else "")
 
 
-def render_check(report: dict[str, Any], console: Console) -> None:
+def render_check(report: dict[str, Any], console: Console, full: bool = False) -> None:
     t = report["training"]
     console.print(f"[bold]{report['recipe']}[/]\n{report['data']['name']} ({report['data']['classes']} classes), "
                   f"{t['steps']} steps, lr {t['lr']:g}, batch {t['batch_size']}, seed {t['seed']}{_where(report)}",
                   highlight=False)
-    runs = Table(title="Runs", title_justify="left")
-    for col, justify in (("run", "left"), ("test accuracy", "right"), ("gap to fp32", "right"),
-                         ("final loss", "right"), ("test loss", "right")):
+    for note in report["data"].get("notes", []):
+        console.print(f"data: {note}", highlight=False)
+    balanced = any("test_balanced_accuracy" in run for run in report["runs"].values())
+    runs = Table(title="Runs (test accuracy: the argmax of the rounded softmax input, as the hardware predicts)",
+                 title_justify="left")
+    columns = [("run", "left"), ("test acc.", "right"), ("fp32 logits", "right")]
+    columns += [("balanced", "right")] if balanced else []
+    columns += [("gap to fp32", "right"), ("final loss", "right"), ("test loss", "right")]
+    for col, justify in columns:
         runs.add_column(col, justify=justify)
     for name, run in report["runs"].items():
         gap = run.get("gap_to_fp32")
-        runs.add_row(name, f"diverged at step {run['diverged_at']}" if run["diverged"] else
-                     _pct(run["test_accuracy"], 2),
-                     "-" if gap is None else f"{gap * 100:.2f} pt", _num(run["final_loss"]), _num(run["test_loss"]))
+        if run["diverged"]:
+            accuracy = [f"diverged at step {run['diverged_at']}", "-"] + (["-"] if balanced else [])
+        else:
+            accuracy = [_pct(run["test_accuracy"], 2), _pct(run.get("test_accuracy_fp32_logits"), 2)]
+            accuracy += [_pct(run.get("test_balanced_accuracy"), 2)] if balanced else []
+        runs.add_row(name, *accuracy, "-" if gap is None else f"{gap * 100:.2f} pt", _num(run["final_loss"]),
+                     _num(run["test_loss"]))
     console.print(runs)
     for name, run in report["runs"].items():
         if run["diverged"]:
@@ -110,27 +181,42 @@ def render_check(report: dict[str, Any], console: Console) -> None:
     lp_runs = ("plain", "kahan", "stochastic") if "stochastic" in report["runs"] else ("plain", "kahan")
     run_names = " / ".join(lp_runs)
     diag = Table(title=f"Diagnostics per layer, {run_names}, in %", title_justify="left",
-                 caption_justify="left")
-    columns = {"lost upd.": "lost_updates", "lost mass": "lost_mass", "err. uflow": "error_underflow",
-               "grad uflow": "weight_grad_underflow"}
-    diag.add_column("layer")
-    diag.add_column("weight")
-    for col in [*columns, "saturated"]:
-        diag.add_column(col, justify="right")
-    for name, d in report["diagnostics"].items():
+                 caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = {"lost": "lost_updates", "mass": "lost_mass", "err uf": "error_underflow",
+               "grad uf": "weight_grad_underflow"}
+    diag.add_column("layer", no_wrap=True)
+    diag.add_column("weight", no_wrap=True)
+    for col in [*columns, "sat"]:
+        diag.add_column(col, justify="right", no_wrap=True)
+    rank = {name: max((v.get("kahan") or 0.0) for key, v in d.items() if key != "lost_updates")
+            if d else 0.0 for name, d in report["diagnostics"].items()}
+    names, hidden = _shown(list(report["diagnostics"]), full, rank)
+    for name in names:
+        d = report["diagnostics"][name]
         cells = [_pair(d.get(key, {}), lp_runs) for key in columns.values()]
         saturated = {run: max((d.get(f"{k}_saturated", {}).get(run) or 0.0)
-                              for k in ("weight", "activation", "error", "weight_grad")) for run in lp_runs}
-        diag.add_row(name, plan["layers"][name]["weight"], *cells, _pair(saturated, lp_runs))
-    diag.caption = ("lost upd.: updates that changed nothing; lost mass: share of the summed intended update "
-                    "missing from the weights at the end; uflow: non-zero values rounded to zero")
+                              for k in ("input", "weight", "activation", "error", "weight_grad")) for run in lp_runs}
+        diag.add_row(short_name(name, 20), plan["layers"][name]["weight"], *cells, _pair(saturated, lp_runs))
+    diag.caption = ("lost: updates that changed nothing; mass: share of the summed intended update missing "
+                    "from the weights at the end (lost update mass); uf: non-zero errors or weight gradients "
+                    "rounded to zero; sat: values saturated (the largest share over the layer's tensors)")
     console.print(diag)
+    _hidden_note(console, hidden, "those with the smallest Kahan diagnostics")
     soft = report["softmax"]
     console.print(
         f"softmax, {'/'.join(lp_runs)}: input {plan['softmax_input']}: logits saturated "
         f"{_pair({r: soft[r]['logits_saturated'] for r in soft}, lp_runs)}%\n"
         f"error {plan['softmax_error']}: non-target errors flushed "
         f"{_pair({r: soft[r]['non_target_errors_flushed'] for r in soft}, lp_runs)}%", highlight=False)
+    tied = [soft[r].get("test_rows_tied") for r in lp_runs]
+    if any(v is not None for v in tied):
+        console.print(f"test rows whose top class ties after rounding: "
+                      f"{_pair(dict(zip(lp_runs, tied, strict=True)), lp_runs)}% (ties go to the lowest index)",
+                      highlight=False)
+    if report.get("kept_fp32"):
+        console.print("left in float32 (not simulated):", highlight=False)
+        for item in report["kept_fp32"]:
+            console.print(f"  - {item}", highlight=False, overflow="fold")
     verdict = report["verdict"]
     mark = "[bold green]PASSED[/]" if verdict["passed"] else "[bold red]FAILED[/]"
     console.print(f"{mark}: {verdict['reason']}", highlight=False)

@@ -210,8 +210,13 @@ class Simulator:
         self.target_error_counts = torch.zeros(2, dtype=torch.float64)  # non-zero, flushed
         self._handles: list[Any] = []
         fp32 = Float32()
+        # What each layer was seen to carry ("called", "input", "output": floating-point
+        # tensors), so the report lists a float32 role only where it held a value.
+        self.seen: dict[str, set[str]] = {name: set() for name in layers}
         for name, formats in layers.items():
             module = modules[name]
+            self._handles.append(module.register_forward_pre_hook(_observe_input(self.seen[name])))
+            self._handles.append(module.register_forward_hook(_observe_output(self.seen[name])))
             input_format = formats.get("input", fp32)
             if not isinstance(input_format, Float32):
                 self.inputs[name] = _InputPoint(self, input_format)
@@ -257,12 +262,9 @@ class Simulator:
         }
 
     def never_called(self) -> list[str]:
-        """Layers with an input or output to round whose hooks never fired: modules whose
-        parent uses their parameters without calling them (attention's ``out_proj``)."""
-        names = [*self.inputs, *(n for n in self.points if n not in self.inputs)]
-        return [name for name in names
-                if not (name in self.inputs and self.inputs[name].counts.totals is not None)
-                and not (name in self.points and self.points[name].activation_counts.totals is not None)]
+        """Layers whose forward never ran while attached: modules whose parent uses their
+        parameters without calling them (attention's ``out_proj``)."""
+        return [name for name, seen in self.seen.items() if "called" not in seen]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -273,6 +275,21 @@ class Simulator:
 def _output_hook(point: _LayerPoint):
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
         return map_floating(output, lambda t: _QuantizeOutput.apply(t, point))
+    return hook
+
+
+def _observe_input(seen: set[str]):
+    def hook(module: nn.Module, args: tuple) -> None:
+        seen.add("called")
+        if "input" not in seen and floating_tensors(args):
+            seen.add("input")
+    return hook
+
+
+def _observe_output(seen: set[str]):
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if "output" not in seen and floating_tensors(output):
+            seen.add("output")
     return hook
 
 

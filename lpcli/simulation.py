@@ -248,15 +248,15 @@ class Simulation:
         whose forward never ran, and what the simulator never rounds (see
         :data:`lpcli.simulate.NOT_SIMULATED`)."""
         out = [f"parameter {name} (keep_fp32)" for name, _ in self.groups.keep_fp32]
+        seen = self.simulator.seen if self.simulator is not None else {}
+        never = set(self.simulator.never_called()) if self.simulator is not None else set()
         for name, fmts in self.plan.layers.items():
-            roles = [t for t in TENSORS if isinstance(fmts[t], Float32) and not _not_applicable(self, name, t)]
-            if name == self.plan.output_layer:
-                roles = [t for t in roles if t not in ("activation", "error")]
+            held = self._held_roles(name, seen.get(name, set()))
+            roles = [t for t in TENSORS if t in held and isinstance(fmts[t], Float32)]
+            if name in never:
+                out.append(f"layer {name}: its forward never ran (its parent uses its parameters directly)")
             if roles:
                 out.append(f"layer {name}: {', '.join(roles)}")
-        if self.simulator is not None:
-            out += [f"layer {name}: its forward never ran (its parent uses its parameters directly)"
-                    for name in self.simulator.never_called()]
         buffers = [n for n, b in self.model.named_buffers() if b.is_floating_point()]
         if buffers:
             out.append(f"buffers ({_shorten_list(buffers)})")
@@ -266,15 +266,21 @@ class Simulation:
             out.append("softmax error p - y")
         return out + list(NOT_SIMULATED)
 
-
-def _not_applicable(sim: Simulation, layer: str, role: str) -> bool:
-    """A float32 role with nothing to hold: no parameters to store, or no momentum."""
-    if role in ("weight", "weight_grad", "momentum") and not sim.groups.layers.get(layer):
-        return True
-    if role == "momentum":
-        opt = sim._optimizer
-        return opt is None or not any(g["momentum"] for g in opt.param_groups)
-    return False
+    def _held_roles(self, layer: str, seen: set[str]) -> set[str]:
+        """The roles of ``layer`` that held a value in the runs so far: an input or output
+        seen as floating point (the logits' are the softmax's), parameters to store, and
+        momentum when the optimizer keeps it."""
+        held = set()
+        if "input" in seen:
+            held.add("input")
+        if "output" in seen and layer != self.plan.output_layer and module_name(layer):
+            held.update(("activation", "error"))
+        if self.groups.layers.get(layer):
+            held.update(("weight", "weight_grad"))
+            opt = self._optimizer
+            if opt is not None and any(g["momentum"] for g in opt.param_groups):
+                held.add("momentum")
+        return held
 
 
 def _shorten_list(names: list[str], shown: int = 4) -> str:

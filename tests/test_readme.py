@@ -13,10 +13,12 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks
     monkeypatch.chdir(tmp_path)
+    namespace: dict = {}  # one session: a later block uses what an earlier one made
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "tensor([0.0000, 0.2500])" in printed
+    assert "(fp32 logits " in printed and "matmul and convolution accumulators" in printed
     result = run_cli("recommend", "--stats", tmp_path / "stats.yaml", "--json")
     assert result.exit_code == 0, result.stderr
     plan = result.json()

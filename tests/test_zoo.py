@@ -342,3 +342,49 @@ def test_dict_output_error_names_the_model(command: tuple[str, ...], tmp_path: P
     assert result.exit_code == 2, tail(result)
     line = result.stderr.strip().replace(str(recipe), "<recipe>")
     assert any(name in line for name in ("zoo:dict_output", "dict_output", "DictOutput")), line
+
+
+def test_reports_of_a_deep_model_fit_80_columns(chains: Callable[[str], Chain]) -> None:
+    """The transformer's report and plan, rendered at 80 columns: no line wider, no cell cut
+    short, every layer shown (9 layers, under the summary limit) and the float32 list there."""
+    from rich.console import Console
+
+    from lpcli.plan import plan_from_document
+    from lpcli.report import render_check, render_plan
+
+    chain = chains("token_transformer")
+    report = chain.report()
+    console = Console(width=80, record=True, highlight=False)
+    render_check(report, console)
+    render_plan(plan_from_document(chain.plan(), "plan"), console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = [line for line in text.splitlines() if line.startswith(" encoder") or line.startswith(" (root)")]
+    assert rows and not any("…" in row.split()[-1] for row in rows)  # values are never elided, names may be
+    assert "left in float32" in text and "out_proj: its forward never ran" in text
+
+
+def test_long_models_are_summarised_unless_full() -> None:
+    from rich.console import Console
+
+    from lpcli.formats import parse_format
+    from lpcli.plan import TENSORS, Plan
+    from lpcli.report import SHOWN_LAYERS, render_plan
+
+    layers = {f"blocks.{i}.mlp.fc": {t: parse_format("fx8.4") for t in TENSORS} for i in range(30)}
+    plan = Plan(layers=layers, softmax_input=parse_format("fx6.2"), softmax_error=parse_format("fx5.4"))
+    for full, shown in ((False, SHOWN_LAYERS), (True, 30)):
+        console = Console(width=80, record=True)
+        render_plan(plan, console, full=full)
+        text = console.export_text()
+        assert sum(f"blocks.{i}.mlp.fc " in text for i in range(30)) == shown
+        assert ("--full shows every layer" in text) == (not full)
+
+
+def test_float32_list_comes_from_the_model_and_plan(chains: Callable[[str], Chain]) -> None:
+    """BatchNorm's running statistics are listed; integer token ids (nothing to round) and
+    roles that held no value are not."""
+    bn = chains("bn_residual_cnn").report()["kept_fp32"]
+    assert any(item.startswith("buffers (") and "running_mean" in item for item in bn)
+    tokens = chains("token_transformer").report()["kept_fp32"]
+    assert not any(item.startswith("layer (root)") or item.startswith("layer embed") for item in tokens)
