@@ -23,11 +23,10 @@ from .plan import Plan
 from .recipe import Recipe, load_recipe
 from .simulate import NonFiniteWatch, Simulator
 from .simulation import Simulation, resolve
-from .stats import prepare_run
+from .stats import Progress, prepare_run
 
 RUNS = ("fp32", "plain", "kahan")
 LOW_PRECISION_RUNS = ("plain", "kahan", "stochastic")
-Progress = Callable[[str, int, int], None]
 
 
 def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = None, *, tolerance: float = 1.0,

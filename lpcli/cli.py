@@ -22,9 +22,14 @@ from .files import dumps, read_document, write_document
 from .formats import ALIASES, FormatError, parse_format
 from .plan import Plan, plan_from_document
 from .recipe import Recipe, bundled_recipes, load_recipe
-from .recommend import Rules, recommend
+from .recommend import Rules, RulesError, recommend
 from .report import render_check, render_plan, render_stats
 from .stats import analyze, validate_stats
+
+try:  # typer >= 0.20 carries click's exceptions under its own base class
+    from typer.exceptions import TyperException as CommandLineError
+except ImportError:  # older typer runs on click itself
+    from click import ClickException as CommandLineError
 
 
 class OneLineErrors(TyperGroup):
@@ -32,16 +37,14 @@ class OneLineErrors(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        if not (sys.argv[1:] if args is None else args):
+            args = ["--help"]
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                 standalone_mode=False, **extra)
         except typer.Abort:
             code = 130
-        except Exception as exc:
-            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):  # not a usage error (click's)
-                raise
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                return self.main(["--help"], prog_name, complete_var, standalone_mode, **extra)
+        except CommandLineError as exc:
             sys.stderr.write(f"error: command line: {' '.join(exc.format_message().split())}\n")
             code = exc.exit_code
         code = code if isinstance(code, int) else 0
@@ -102,8 +105,7 @@ def progress_bar(enabled: bool) -> Iterator[Callable[..., None] | None]:
                   console=stderr, transient=True) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(*args: Any) -> None:
-            name, done, total = args if len(args) == 3 else ("analyze", *args)
+        def update(name: str, done: int, total: int) -> None:
             if name not in tasks:
                 tasks[name] = bar.add_task(name, total=total)
             bar.update(tasks[name], completed=done)
@@ -168,9 +170,11 @@ def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", ran
     try:
         return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits, family=family, range_from=range_from,
                      widths=parsed, margin=margin)
-    except ValueError as exc:
-        field = "--widths" if "width" in str(exc) else "--family" if "family" in str(exc) else "--range"
-        raise InputError("command line", field, str(exc)) from None
+    except RulesError as exc:
+        raise InputError("command line", RULE_OPTIONS[exc.field], str(exc)) from None
+
+
+RULE_OPTIONS = {"family": "--family", "range_from": "--range", "widths": "--widths", "margin": "--margin"}
 
 
 def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,

@@ -67,6 +67,14 @@ from .plan import TENSORS, Plan
 from .recipe import Precision
 
 
+class RulesError(ValueError):
+    """An invalid rule setting; ``field`` names the :class:`Rules` field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Rules:
     headroom_bits: int = 1
@@ -86,16 +94,16 @@ class Rules:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+            raise RulesError("family", f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.range_from not in RANGES:
-            raise ValueError(f"range_from must be one of {', '.join(RANGES)}, got {self.range_from!r}")
+            raise RulesError("range_from", f"range_from must be one of {', '.join(RANGES)}, got {self.range_from!r}")
         if self.widths is not None:
             if not self.widths or any(not 2 <= w <= MAX_FIXED_WIDTH for w in self.widths):
-                raise ValueError(f"widths must be 2..{MAX_FIXED_WIDTH}, got {list(self.widths)}")
+                raise RulesError("widths", f"widths must be 2..{MAX_FIXED_WIDTH}, got {list(self.widths)}")
             if min(self.widths) > self.max_bits:
-                raise ValueError(f"no width in {list(self.widths)} is at most max_bits {self.max_bits}")
+                raise RulesError("widths", f"no width in {list(self.widths)} is at most max_bits {self.max_bits}")
         if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+            raise RulesError("margin", f"margin must be >= 0, got {self.margin}")
 
     @property
     def allowed_widths(self) -> tuple[int, ...] | None:

@@ -67,6 +67,8 @@ QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
 TENSOR_KINDS = (*TENSORS, "update")
 HIST_LOW, HIST_HIGH = -160, 128
 SAMPLES_PER_STEP = 4096
+# The one progress protocol of long work: (task, steps done, steps in all), e.g. ("kahan", 25, 600).
+Progress = Callable[[str, int, int], None]
 
 
 class TensorSummary:
@@ -274,7 +276,7 @@ class StatsCollector:
 
 
 def analyze(recipe: Recipe | str | Path | None = None, steps: int | None = None, seed: int | None = None,
-            progress: Callable[[int, int], None] | None = None, data: Dataset | None = None,
+            progress: Progress | None = None, data: Dataset | None = None,
             device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train the recipe's model in fp32 for ``steps`` steps and summarize every layer.
 
@@ -288,7 +290,7 @@ def analyze(recipe: Recipe | str | Path | None = None, steps: int | None = None,
 
 
 def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | None,
-             progress: Callable[[int, int], None] | None, data: Dataset | None,
+             progress: Progress | None, data: Dataset | None,
              device: torch.device) -> dict[str, Any]:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -311,7 +313,7 @@ def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | 
         collector.step()
         optimizer.step()
         if progress:
-            progress(step + 1, steps)
+            progress("analyze", step + 1, steps)
     collector.remove()
     return collector.document(data.classes, collector.output_layer,
                               {"recipe": recipe.source, "data": data.name, "seed": seed,
