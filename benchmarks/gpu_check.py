@@ -174,7 +174,7 @@ def train_checks(recipe: str, steps: int | None) -> None:
     reports = []
     for device in ("cpu", DEVICE, DEVICE):
         t0 = time.perf_counter()
-        report = train_check(recipe, steps=steps, device=device)
+        report = train_check(recipe, steps=steps, device=device).document()
         report.pop("timing")
         reports.append(report)
         accs = " ".join(f"{run} {summary['test_accuracy']:.2%}" for run, summary in report["runs"].items())

@@ -60,7 +60,7 @@ def main() -> None:
     started = time.perf_counter()
     for width in args.widths:
         wplan = plan.with_fraction_bits("weight", width)
-        report = train_check(recipe, wplan, seed=args.seed, steps=args.steps, data=data, stochastic=True)
+        report = train_check(recipe, wplan, seed=args.seed, steps=args.steps, data=data, stochastic=True).document()
         runs, diag = report["runs"], report["diagnostics"]
         fp32 = runs["fp32"]["test_accuracy"]
         sizes = {name: 1 for name in diag}  # layers weighted alike unless sizes are known

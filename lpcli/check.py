@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,43 @@ from .errors import InputError, Interrupted
 from .models import run_model
 from .plan import Plan
 from .recipe import Recipe, load_recipe
+from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary, TrainingSummary, Verdict
 from .simulate import NonFiniteWatch, Simulator
 from .simulation import Simulation, resolve
 from .stats import Progress, prepare_run
 
 RUNS = ("fp32", "plain", "kahan")
-LOW_PRECISION_RUNS = ("plain", "kahan", "stochastic")
+UNTESTED = {"test_accuracy": None, "test_accuracy_fp32_logits": None, "test_loss": None}  # a diverged run
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything the runs of one train-check share: they differ only in how they train."""
+
+    recipe: Recipe
+    plan: Plan
+    plan_source: str
+    data: Dataset
+    model: nn.Module
+    initial: dict[str, torch.Tensor]
+    batches: list[torch.Tensor]
+    seed: int
+    world: World
+    batch_share: float  # of the global batch's loss that this rank computes
+    progress: Progress | None
+
+
+@dataclass(frozen=True)
+class _RunResult:
+    summary: RunSummary
+    diagnostics: dict[str, Any] | None = None  # low-precision runs: Simulation.diagnostics()
+    kept_fp32: list[str] | None = None
 
 
 def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = None, *, tolerance: float = 1.0,
                 seed: int | None = None, steps: int | None = None, plan_source: str = "plan",
                 progress: Progress | None = None, data: Dataset | None = None,
-                stochastic: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+                stochastic: bool = False, device: str | torch.device = "cpu") -> CheckReport:
     """Run the three trainings (four with ``stochastic``) and return the report (see the README).
 
     ``recipe`` is a loaded :class:`Recipe`, a path or a bundled recipe's name; without
@@ -58,133 +84,133 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         plan = recommend(analyze(recipe, seed=seed, device=device), precision=recipe.precision,
                          source=recipe.source)
     plan = distributed.broadcast_object(plan, world)
+    steps = recipe.training.steps if steps is None else steps
+    setup = _prepare(recipe, plan, plan_source, seed, steps, data, device, world, progress)
+
+    started = time.perf_counter()
+    results: dict[str, _RunResult] = {}
+    seconds: dict[str, float] = {}
+    for run in (*RUNS, "stochastic") if stochastic else RUNS:
+        t0 = time.perf_counter()
+        setup.model.load_state_dict(setup.initial)
+        try:
+            with distributed.ieee_fp32(device):
+                results[run] = _train(run, setup)
+        except Interrupted as stop:
+            stop.finished = {name: result.summary.test_accuracy for name, result in results.items()}
+            raise
+        seconds[run] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - started
+
+    fp32 = results["fp32"].summary.test_accuracy
+    runs = {name: r.summary if name == "fp32" else replace(r.summary, gap_to_fp32=_gap(fp32, r.summary.test_accuracy))
+            for name, r in results.items()}
+    diagnostics: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in plan.layers}
+    for run, result in results.items():
+        for name, values in (result.diagnostics or {}).get("layers", {}).items():
+            for key, value in values.items():
+                diagnostics[name].setdefault(key, {})[run] = value
     training = recipe.training
-    steps = training.steps if steps is None else steps
+    return CheckReport(
+        recipe=recipe.source,
+        data=DataSummary(setup.data.name, setup.data.classes, len(setup.data.y_train), len(setup.data.y_test),
+                         setup.data.notes, setup.data.imbalanced),
+        training=TrainingSummary(training.lr, training.momentum, training.weight_decay, training.batch_size, steps,
+                                 setup.seed),
+        device=distributed.describe_device(device, world),
+        plan=plan,
+        runs=runs,
+        diagnostics=diagnostics,
+        softmax={run: r.diagnostics["softmax"] for run, r in results.items() if r.diagnostics is not None},
+        kept_fp32=results["kahan"].kept_fp32 or [],
+        verdict=_verdict(runs, tolerance),
+        seconds=seconds,
+    )
+
+
+def _prepare(recipe: Recipe, plan: Plan, plan_source: str, seed: int | None, steps: int, data: Dataset | None,
+             device: torch.device, world: World, progress: Progress | None) -> _Setup:
+    """The model, the data and the batches every run starts from; a plan that does not fit
+    the model fails here, before any training."""
     seed, data, model = prepare_run(recipe, seed, data, device)
-    resolve(plan, model, plan_source)  # a plan that does not fit fails before any training
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = batch_indices(len(data.y_train), training.batch_size, steps, seed)
+    resolve(plan, model, plan_source)
+    batches = batch_indices(len(data.y_train), recipe.training.batch_size, steps, seed)
     global_batch = len(batches[0])
     if world.distributed:
         if global_batch < world.size:
             raise InputError(recipe.source, "training.batch_size", f"a batch of {global_batch} cannot be shared "
                              f"by {world.size} processes")
         batches = [distributed.shard(index, world) for index in batches]
-    batch_share = len(batches[0]) / global_batch  # of the global batch's loss that this rank computes
+    batch_share = len(batches[0]) / global_batch
     if device.type != "cpu":
         batches = list(torch.stack(batches).to(device).unbind(0))  # generated on the CPU: one copy
-
-    started = time.perf_counter()
-    runs: dict[str, dict[str, Any]] = {}
-    diagnostics: dict[str, dict[str, Any]] = {name: {} for name in plan.layers}
-    softmax: dict[str, Any] = {}
-    kept_fp32: list[str] = []
-    timings: dict[str, float] = {}
-    for run in (*RUNS, "stochastic") if stochastic else RUNS:
-        t0 = time.perf_counter()
-        model.load_state_dict(initial)
-        try:
-            with distributed.ieee_fp32(device):
-                result = _train(run, model, plan, recipe, data, batches, seed, progress if world.rank == 0 else None,
-                                world, batch_share, plan_source)
-        except Interrupted as stop:
-            stop.finished = {name: summary["test_accuracy"] for name, summary in runs.items()}
-            raise
-        timings[run] = time.perf_counter() - t0
-        runs[run] = result.pop("summary")
-        if run != "fp32":
-            for name, values in result["diagnostics"]["layers"].items():
-                for key, value in values.items():
-                    diagnostics[name].setdefault(key, {})[run] = value
-            softmax[run] = result["diagnostics"]["softmax"]
-            runs[run]["weights_saturated_at_start"] = result["initial_saturated"]
-            kept_fp32 = result["kept_fp32"]
-
-    fp32_acc, kahan_acc = runs["fp32"]["test_accuracy"], runs["kahan"]["test_accuracy"]
-    for run in (r for r in LOW_PRECISION_RUNS if r in runs):
-        acc = runs[run]["test_accuracy"]
-        runs[run]["gap_to_fp32"] = None if acc is None or fp32_acc is None else fp32_acc - acc
-    gap = runs["kahan"]["gap_to_fp32"]
-    passed = gap is not None and gap * 100 <= tolerance
-    if runs["fp32"]["diverged"]:
-        reason = (f"the fp32 run {_divergence(runs['fp32'])}: the recipe itself does not train "
-                  f"(lower the learning rate)")
-        passed = False
-    elif runs["kahan"]["diverged"]:
-        reason = f"the Kahan run {_divergence(runs['kahan'])}"
-    else:
-        side = "below" if gap >= 0 else "above"
-        reason = (f"Kahan low-precision accuracy {kahan_acc:.2%} is {abs(gap) * 100:.2f} points {side} fp32 "
-                  f"{fp32_acc:.2%} (tolerance {tolerance:g})")
-    return {
-        "recipe": recipe.source,
-        "data": {"name": data.name, "classes": data.classes, "train": len(data.y_train), "test": len(data.y_test),
-                 "notes": list(data.notes), "imbalanced": data.imbalanced},
-        "training": {"lr": training.lr, "momentum": training.momentum, "weight_decay": training.weight_decay,
-                     "batch_size": training.batch_size, "steps": steps, "seed": seed},
-        "device": distributed.describe_device(device, world),
-        "plan": plan.document(),
-        "runs": runs,
-        "diagnostics": diagnostics,
-        "softmax": softmax,
-        "kept_fp32": kept_fp32,
-        "verdict": {"passed": passed, "tolerance_points": tolerance, "reason": reason},
-        "timing": {"seconds": {**timings, "total": time.perf_counter() - started}},
-    }
+    return _Setup(recipe, plan, plan_source, data, model, {k: v.clone() for k, v in model.state_dict().items()},
+                  batches, seed, world, batch_share, progress if world.rank == 0 else None)
 
 
-def _divergence(summary: dict[str, Any]) -> str:
-    where = summary["diverged_in"]
-    return f"diverged at step {summary['diverged_at']} (first non-finite: layer {where['layer']} {where['tensor']})"
+def _gap(fp32: float | None, accuracy: float | None) -> float | None:
+    return None if fp32 is None or accuracy is None else fp32 - accuracy
 
 
-def _train(run: str, model: nn.Module, plan: Plan, recipe: Recipe, data: Dataset, batches: list[torch.Tensor],
-           seed: int, progress: Progress | None, world: World = World(), batch_share: float = 1.0,
-           plan_source: str = "plan") -> dict[str, Any]:
-    training = recipe.training
-    torch.manual_seed(seed)  # dropout masks: the same draws in every run
-    gradient_sum = distributed.GradientSum(model, world)  # first: the quantizer's hook must see the summed gradient
+def _verdict(runs: dict[str, RunSummary], tolerance: float) -> Verdict:
+    fp32, kahan = runs["fp32"], runs["kahan"]
+    if fp32.diverged:
+        return Verdict(False, tolerance, f"the fp32 run {fp32.divergence()}: the recipe itself does not train "
+                       f"(lower the learning rate)")
+    if kahan.diverged:
+        return Verdict(False, tolerance, f"the Kahan run {kahan.divergence()}")
+    gap = kahan.gap_to_fp32
+    side = "below" if gap >= 0 else "above"
+    return Verdict(gap * 100 <= tolerance, tolerance,
+                   f"Kahan low-precision accuracy {kahan.test_accuracy:.2%} is {abs(gap) * 100:.2f} points {side} "
+                   f"fp32 {fp32.test_accuracy:.2%} (tolerance {tolerance:g})")
+
+
+def _train(run: str, setup: _Setup) -> _RunResult:
+    """One run: fp32 with torch's SGD, or a low-precision run through the plan's Simulation."""
+    model, training = setup.model, setup.recipe.training
+    torch.manual_seed(setup.seed)  # dropout masks: the same draws in every run
+    gradient_sum = distributed.GradientSum(model, setup.world)  # first: the quantizer's hook sees the summed gradient
     simulation = None
     if run == "fp32":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(), lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
         loss_fn = F.cross_entropy
     else:
-        simulation = Simulation(model, plan, source=plan_source)
+        simulation = Simulation(model, setup.plan, source=setup.plan_source)
         simulation.attach()
         optimizer = simulation.optimizer(lr=training.lr, momentum=training.momentum,
-                                         weight_decay=training.weight_decay, mode=run, seed=seed)
+                                         weight_decay=training.weight_decay, mode=run, seed=setup.seed)
         loss_fn = simulation.cross_entropy
     try:
-        steps = _steps(run, model, optimizer, loss_fn, plan, recipe, data, batches, progress, world, batch_share)
-        if world.distributed and simulation is not None:
-            _sum_counts(simulation.simulator, world, data.x_train.device)
-        if steps["diverged"]:
-            summary = {"test_accuracy": None, "test_accuracy_fp32_logits": None, "test_loss": None}
-        elif simulation is not None:
-            evaluation = simulation.evaluate(data.x_test, data.y_test)
-            summary = _test_summary(evaluation.accuracy, evaluation.accuracy_fp32_logits, evaluation.loss,
-                                    evaluation.predictions, data)
+        curve = _steps(run, optimizer, loss_fn, setup)
+        if simulation is None:
+            tested = _evaluate_fp32(model, setup.data) if curve["diverged_at"] is None else UNTESTED
+            return _RunResult(RunSummary(**tested, **curve))
+        if setup.world.distributed:
+            _sum_counts(simulation.simulator, setup.world, setup.data.x_train.device)
+        diagnostics = simulation.diagnostics()
+        if curve["diverged_at"] is None:
+            evaluation = simulation.evaluate(setup.data.x_test, setup.data.y_test)
+            tested = _test_summary(evaluation.accuracy, evaluation.accuracy_fp32_logits, evaluation.loss,
+                                   evaluation.predictions, setup.data)
+            diagnostics["softmax"]["test_rows_tied"] = evaluation.tied_rows
         else:
-            summary = _evaluate_fp32(model, data)
-        result: dict[str, Any] = {"summary": {**summary, **steps}}
-        if simulation is not None:
-            result["diagnostics"] = simulation.diagnostics()
-            result["diagnostics"]["softmax"]["test_rows_tied"] = None if steps["diverged"] else evaluation.tied_rows
-            result["initial_saturated"] = optimizer.initial_saturated
-            result["kept_fp32"] = simulation.kept_fp32()
-        return result
+            tested = UNTESTED
+            diagnostics["softmax"]["test_rows_tied"] = None
+        summary = RunSummary(**tested, **curve, low_precision=True,
+                             weights_saturated_at_start=optimizer.initial_saturated)
+        return _RunResult(summary, diagnostics, simulation.kept_fp32())
     finally:
         gradient_sum.remove()
         if simulation is not None:
             simulation.detach()
 
 
-def _steps(run: str, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, plan: Plan,
-           recipe: Recipe, data: Dataset, batches: list[torch.Tensor], progress: Progress | None, world: World,
-           batch_share: float) -> dict[str, Any]:
-    """The training loop of one run; the summary of its losses and where it diverged."""
-    watch = NonFiniteWatch(model, list(plan.layers))
+def _steps(run: str, optimizer: torch.optim.Optimizer, loss_fn: Callable, setup: _Setup) -> dict[str, Any]:
+    """The training loop of one run: its loss curve, final loss and where it diverged."""
+    model, data, world, batches = setup.model, setup.data, setup.world, setup.batches
+    watch = NonFiniteWatch(model, list(setup.plan.layers))
     losses: list[float] = []
     diverged_at = diverged_in = None
     model.train()
@@ -194,34 +220,29 @@ def _steps(run: str, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     try:
         for step, index in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
-            logits = run_model(model, data.x_train[index], recipe.source, recipe.model_label)
+            logits = run_model(model, data.x_train[index], setup.recipe.source, setup.recipe.model_label)
             loss = loss_fn(logits, data.y_train[index])
             if world.distributed:
-                loss = loss * batch_share  # errors per sample as in one process; the rank losses add up to it
+                loss = loss * setup.batch_share  # errors per sample as in one process; rank losses add up to it
             loss.backward()
             optimizer.step()
             where = distributed.first_problem(watch.end_step(loss), world, data.x_train.device)
             if where is not None:
-                diverged_at, diverged_in = step + 1, {"layer": where[0], "tensor": where[1]}
+                diverged_at, diverged_in = step + 1, Location(*where)
                 break
             recent = recent + loss.detach() if step >= len(batches) - window else recent
-            if (step + 1) % 25 == 0 or step + 1 == len(batches):
+            if (step + 1) % LOSS_EVERY == 0 or step + 1 == len(batches):
                 losses.append(float(all_sum(loss.detach().clone(), world)))
-                if progress:
-                    progress(run, step + 1, len(batches))
+                if setup.progress:
+                    setup.progress(run, step + 1, len(batches))
     except KeyboardInterrupt:
         raise Interrupted(run, step + 1, len(batches)) from None
     finally:
         watch.remove()
     if world.distributed:
         all_sum(recent, world)
-    return {
-        "final_loss": float(recent) / window if diverged_at is None else None,
-        "diverged": diverged_at is not None,
-        "diverged_at": diverged_at,
-        "diverged_in": diverged_in,
-        "loss_curve": {"every": 25, "values": losses},
-    }
+    return {"final_loss": float(recent) / window if diverged_at is None else None, "loss_curve": losses,
+            "diverged_at": diverged_at, "diverged_in": diverged_in}
 
 
 def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> None:

@@ -332,14 +332,14 @@ def train_check_command(
                              plan_source=str(plan_path or "plan"), progress=progress, stochastic=stochastic,
                              device=device)
     if main:
-        emit(report, as_json, output, lambda: render_check(report, stdout, full), "report")
+        emit(report.document(), as_json, output, lambda: render_check(report, stdout, full), "report")
         if plot is not None:
             from .plots import plot_check, plot_plan
 
-            figures = plot_check(report, plot) + plot_plan(report["plan"], plot)
+            figures = plot_check(report, plot) + plot_plan(report.plan, plot)
             if not as_json:
                 stdout.print(f"wrote {len(figures)} figures to {plot}: {', '.join(f.name for f in figures)}")
-    if not report["verdict"]["passed"]:
+    if not report.verdict.passed:
         raise typer.Exit(1)
 
 

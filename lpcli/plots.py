@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .files import write_bytes_atomic
-from .formats import FormatError, parse_format
-from .plan import TENSORS
+from .formats import Float32
+from .plan import TENSORS, Plan
+from .results import LOSS_EVERY, CheckReport
 
 DPI = 100
 FIGSIZE = (8.0, 4.5)  # inches: 800 x 450 pixels
@@ -67,7 +68,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def plot_check(report: Mapping[str, Any], directory: str | Path, prefix: str = "check") -> list[Path]:
+def plot_check(report: CheckReport, directory: str | Path, prefix: str = "check") -> list[Path]:
     """Draw a train-check report: ``<prefix>-loss.png`` (each run's training loss) and
     ``<prefix>-diagnostics.png`` (per layer and low-precision run: lost updates, lost update
     mass, error and weight-gradient underflow). Returns the paths written."""
@@ -78,20 +79,19 @@ def plot_check(report: Mapping[str, Any], directory: str | Path, prefix: str = "
     return written
 
 
-def _loss_figure(figure: Any, ax: Any, report: Mapping[str, Any]) -> Any:
-    steps = report.get("training", {}).get("steps")
-    for run, summary in report.get("runs", {}).items():
-        curve = summary.get("loss_curve") or {}
-        every, values = curve.get("every", 25), curve.get("values", [])
-        x = [(i + 1) * every for i in range(len(values))]
-        if x and steps and not summary.get("diverged") and x[-1] > steps:
-            x[-1] = steps  # the last point is the last step when steps is not a multiple of ``every``
+def _loss_figure(figure: Any, ax: Any, report: CheckReport) -> Any:
+    steps = report.training.steps
+    for run, summary in report.runs.items():
+        values = summary.loss_curve
+        x = [(i + 1) * LOSS_EVERY for i in range(len(values))]
+        if x and steps and not summary.diverged and x[-1] > steps:
+            x[-1] = steps  # the last point is the last step when steps is not a multiple of LOSS_EVERY
         points = [(a, v) for a, v in zip(x, values, strict=True) if _is_number(v) and v > 0]
         label = run
-        if summary.get("diverged"):
-            label += f" (diverged at step {summary.get('diverged_at')})"
-        elif _is_number(summary.get("test_accuracy")):
-            label += f" (test {summary['test_accuracy']:.1%})"
+        if summary.diverged:
+            label += f" (diverged at step {summary.diverged_at})"
+        elif _is_number(summary.test_accuracy):
+            label += f" (test {summary.test_accuracy:.1%})"
         if points:
             ax.plot(*zip(*points, strict=True), marker=".", label=label, color=RUN_COLORS.get(run))
         else:
@@ -99,8 +99,7 @@ def _loss_figure(figure: Any, ax: Any, report: Mapping[str, Any]) -> Any:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (batch)")
-    data = report.get("data", {})
-    ax.set_title(f"{report.get('recipe', '')}: {data.get('name', '')}, {steps} steps", fontsize="medium")
+    ax.set_title(f"{report.recipe}: {report.data.name}, {steps} steps", fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return figure
@@ -114,10 +113,10 @@ DIAGNOSTIC_PANELS = (
 )
 
 
-def _diagnostics_figure(report: Mapping[str, Any]) -> Any:
-    diagnostics = report.get("diagnostics", {})
+def _diagnostics_figure(report: CheckReport) -> Any:
+    diagnostics = report.diagnostics
     layers = list(diagnostics)
-    runs = [run for run in ("plain", "kahan", "stochastic") if run in report.get("runs", {})]
+    runs = list(report.low_precision_runs)
     figure, axes = _figure(2, 2, height=FIGSIZE[1] * 1.5)
     width = 0.8 / max(1, len(runs))
     for ax, (key, title) in zip(axes.flat, DIAGNOSTIC_PANELS, strict=True):
@@ -136,27 +135,25 @@ def _diagnostics_figure(report: Mapping[str, Any]) -> Any:
     return figure
 
 
-def plot_plan(plan_document: Mapping[str, Any], directory: str | Path, prefix: str = "plan") -> list[Path]:
+def plot_plan(plan: Plan, directory: str | Path, prefix: str = "plan") -> list[Path]:
     """Draw a plan: ``<prefix>-widths.png``, each layer's bit width per tensor role (inputs,
     weights, activations, errors, weight gradients, momentum; fraction bits hatched within fixed-point bars),
     with the softmax input and error formats in the title. Returns the paths written."""
     figure, axes = _figure()
     folder = _directory(directory)
     ax = axes[0][0]
-    layers: Mapping[str, Mapping[str, str]] = plan_document.get("layers", {})
-    names: Sequence[str] = list(layers)
-    output = plan_document.get("output_layer")
+    names: Sequence[str] = list(plan.layers)
+    output = plan.output_layer
     width = 0.8 / len(TENSORS)
     tallest = 8
     colors = ("#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f")
     for t, (tensor, color) in enumerate(zip(TENSORS, colors, strict=True)):
         bits, frac = [], []
         for name in names:
-            spec = layers[name].get(tensor)
+            fmt = plan.layers[name][tensor]
             if name == output and tensor in ("activation", "error"):
-                spec = plan_document.get(f"softmax_{'input' if tensor == 'activation' else 'error'}", spec)
-            fmt = _format(spec, f"layers.{name}.{tensor}")
-            bits.append(fmt.width if fmt is not None else 0)
+                fmt = plan.softmax_input if tensor == "activation" else plan.softmax_error
+            bits.append(0 if isinstance(fmt, Float32) else fmt.width)
             frac.append(getattr(fmt, "frac", None))
         positions = [i + (t - (len(TENSORS) - 1) / 2) * width for i in range(len(names))]
         tallest = max(tallest, *bits)
@@ -170,16 +167,6 @@ def plot_plan(plan_document: Mapping[str, Any], directory: str | Path, prefix: s
     ax.set_ylim(0, tallest * 1.25)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncols=6, loc="upper left")
-    ax.set_title(f"plan: {plan_document.get('classes', '?')} classes, softmax input "
-                 f"{plan_document.get('softmax_input', '?')}, error {plan_document.get('softmax_error', '?')}",
-                 fontsize="medium")
+    ax.set_title(f"plan: {plan.classes or '?'} classes, softmax input {plan.softmax_input}, error "
+                 f"{plan.softmax_error}", fontsize="medium")
     return [_save(figure, folder / f"{prefix}-widths.png")]
-
-
-def _format(spec: Any, where: str) -> Any:
-    if spec is None:
-        return None
-    try:
-        return parse_format(spec)
-    except FormatError as exc:
-        raise InputError("plan", where, str(exc)) from None

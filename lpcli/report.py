@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .plan import TENSORS, Plan
+from .results import CheckReport
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -137,8 +138,8 @@ def _render_summary(plan: Plan, console: Console) -> None:
             f"{summary['weight_bytes_16bit'] / 1024:.1f} KiB at 16 bits", highlight=False)
 
 
-def _where(report: dict[str, Any]) -> str:
-    device = report.get("device") or {}
+def _where(report: CheckReport) -> str:
+    device = report.device or {}
     if not device:
         return ""
     name = f" ({device['name']})" if device.get("name") else ""
@@ -146,14 +147,25 @@ def _where(report: dict[str, Any]) -> str:
     return f", on {device['type']}{name}" + (f" x {processes} processes" if processes > 1 else "")
 
 
-def render_check(report: dict[str, Any], console: Console, full: bool = False) -> None:
-    t = report["training"]
-    console.print(f"[bold]{report['recipe']}[/]\n{report['data']['name']} ({report['data']['classes']} classes), "
-                  f"{t['steps']} steps, lr {t['lr']:g}, batch {t['batch_size']}, seed {t['seed']}{_where(report)}",
-                  highlight=False)
-    for note in report["data"].get("notes", []):
+def render_check(report: CheckReport, console: Console, full: bool = False) -> None:
+    t, data = report.training, report.data
+    console.print(f"[bold]{report.recipe}[/]\n{data.name} ({data.classes} classes), {t.steps} steps, lr {t.lr:g}, "
+                  f"batch {t.batch_size}, seed {t.seed}{_where(report)}", highlight=False)
+    for note in data.notes:
         console.print(f"data: {note}", highlight=False)
-    balanced = any("test_balanced_accuracy" in run for run in report["runs"].values())
+    _render_runs(report, console)
+    _render_diagnostics(report, console, full)
+    _render_softmax(report, console)
+    if report.kept_fp32:
+        console.print("left in float32 (not simulated):", highlight=False)
+        for item in report.kept_fp32:
+            console.print(f"  - {item}", highlight=False, overflow="fold")
+    mark = "[bold green]PASSED[/]" if report.verdict.passed else "[bold red]FAILED[/]"
+    console.print(f"{mark}: {report.verdict.reason}", highlight=False)
+
+
+def _render_runs(report: CheckReport, console: Console) -> None:
+    balanced = any(run.test_balanced_accuracy is not None for run in report.runs.values())
     runs = Table(title="Runs (test accuracy: the argmax of the rounded softmax input, as the hardware predicts)",
                  title_justify="left")
     columns = [("run", "left"), ("test acc.", "right"), ("fp32 logits", "right")]
@@ -161,62 +173,58 @@ def render_check(report: dict[str, Any], console: Console, full: bool = False) -
     columns += [("gap to fp32", "right"), ("final loss", "right"), ("test loss", "right")]
     for col, justify in columns:
         runs.add_column(col, justify=justify)
-    for name, run in report["runs"].items():
-        gap = run.get("gap_to_fp32")
-        if run["diverged"]:
-            accuracy = [f"diverged at step {run['diverged_at']}", "-"] + (["-"] if balanced else [])
+    for name, run in report.runs.items():
+        if run.diverged:
+            accuracy = [f"diverged at step {run.diverged_at}", "-"] + (["-"] if balanced else [])
         else:
-            accuracy = [_pct(run["test_accuracy"], 2), _pct(run.get("test_accuracy_fp32_logits"), 2)]
-            accuracy += [_pct(run.get("test_balanced_accuracy"), 2)] if balanced else []
-        runs.add_row(name, *accuracy, "-" if gap is None else f"{gap * 100:.2f} pt", _num(run["final_loss"]),
-                     _num(run["test_loss"]))
+            accuracy = [_pct(run.test_accuracy, 2), _pct(run.test_accuracy_fp32_logits, 2)]
+            accuracy += [_pct(run.test_balanced_accuracy, 2)] if balanced else []
+        gap = "-" if run.gap_to_fp32 is None else f"{run.gap_to_fp32 * 100:.2f} pt"
+        runs.add_row(name, *accuracy, gap, _num(run.final_loss), _num(run.test_loss))
     console.print(runs)
-    for name, run in report["runs"].items():
-        if run["diverged"]:
-            where = run["diverged_in"]
-            console.print(f"{name}: the first non-finite value appeared in layer {where['layer']}'s "
-                          f"{where['tensor']} at step {run['diverged_at']}", highlight=False)
+    for name, run in report.runs.items():
+        if run.diverged:
+            where = run.diverged_in
+            console.print(f"{name}: the first non-finite value appeared in layer {where.layer}'s {where.tensor} at "
+                          f"step {run.diverged_at}", highlight=False)
 
-    plan = report["plan"]
-    lp_runs = ("plain", "kahan", "stochastic") if "stochastic" in report["runs"] else ("plain", "kahan")
-    run_names = " / ".join(lp_runs)
-    diag = Table(title=f"Diagnostics per layer, {run_names}, in %", title_justify="left",
+
+DIAGNOSTIC_COLUMNS = {"lost": "lost_updates", "mass": "lost_mass", "err uf": "error_underflow",
+                      "grad uf": "weight_grad_underflow"}
+
+
+def _render_diagnostics(report: CheckReport, console: Console, full: bool) -> None:
+    lp_runs = report.low_precision_runs
+    diag = Table(title=f"Diagnostics per layer, {' / '.join(lp_runs)}, in %", title_justify="left",
                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = {"lost": "lost_updates", "mass": "lost_mass", "err uf": "error_underflow",
-               "grad uf": "weight_grad_underflow"}
     diag.add_column("layer", no_wrap=True)
     diag.add_column("weight", no_wrap=True)
-    for col in [*columns, "sat"]:
+    for col in [*DIAGNOSTIC_COLUMNS, "sat"]:
         diag.add_column(col, justify="right", no_wrap=True)
-    rank = {name: max((v.get("kahan") or 0.0) for key, v in d.items() if key != "lost_updates")
-            if d else 0.0 for name, d in report["diagnostics"].items()}
-    names, hidden = _shown(list(report["diagnostics"]), full, rank)
+    rank = {name: max([(v.get("kahan") or 0.0) for key, v in d.items() if key != "lost_updates"] or [0.0])
+            for name, d in report.diagnostics.items()}
+    names, hidden = _shown(list(report.diagnostics), full, rank)
     for name in names:
-        d = report["diagnostics"][name]
-        cells = [_pair(d.get(key, {}), lp_runs) for key in columns.values()]
+        d = report.diagnostics[name]
+        cells = [_pair(d.get(key, {}), lp_runs) for key in DIAGNOSTIC_COLUMNS.values()]
         saturated = {run: max((d.get(f"{k}_saturated", {}).get(run) or 0.0)
                               for k in ("input", "weight", "activation", "error", "weight_grad")) for run in lp_runs}
-        diag.add_row(short_name(name, 20), plan["layers"][name]["weight"], *cells, _pair(saturated, lp_runs))
+        diag.add_row(short_name(name, 20), str(report.plan.layers[name]["weight"]), *cells, _pair(saturated, lp_runs))
     diag.caption = ("lost: updates that changed nothing; mass: share of the summed intended update missing "
                     "from the weights at the end (lost update mass); uf: non-zero errors or weight gradients "
                     "rounded to zero; sat: values saturated (the largest share over the layer's tensors)")
     console.print(diag)
     _hidden_note(console, hidden, "those with the smallest Kahan diagnostics")
-    soft = report["softmax"]
-    console.print(
-        f"softmax, {'/'.join(lp_runs)}: input {plan['softmax_input']}: logits saturated "
-        f"{_pair({r: soft[r]['logits_saturated'] for r in soft}, lp_runs)}%\n"
-        f"error {plan['softmax_error']}: non-target errors flushed "
-        f"{_pair({r: soft[r]['non_target_errors_flushed'] for r in soft}, lp_runs)}%", highlight=False)
-    tied = [soft[r].get("test_rows_tied") for r in lp_runs]
-    if any(v is not None for v in tied):
-        console.print(f"test rows whose top class ties after rounding: "
-                      f"{_pair(dict(zip(lp_runs, tied, strict=True)), lp_runs)}% (ties go to the lowest index)",
-                      highlight=False)
-    if report.get("kept_fp32"):
-        console.print("left in float32 (not simulated):", highlight=False)
-        for item in report["kept_fp32"]:
-            console.print(f"  - {item}", highlight=False, overflow="fold")
-    verdict = report["verdict"]
-    mark = "[bold green]PASSED[/]" if verdict["passed"] else "[bold red]FAILED[/]"
-    console.print(f"{mark}: {verdict['reason']}", highlight=False)
+
+
+def _render_softmax(report: CheckReport, console: Console) -> None:
+    lp_runs, soft, plan = report.low_precision_runs, report.softmax, report.plan
+
+    def shares(key: str) -> str:
+        return _pair({run: soft[run].get(key) for run in lp_runs}, lp_runs)
+    console.print(f"softmax, {'/'.join(lp_runs)}: input {plan.softmax_input}: logits saturated "
+                  f"{shares('logits_saturated')}%\nerror {plan.softmax_error}: non-target errors flushed "
+                  f"{shares('non_target_errors_flushed')}%", highlight=False)
+    if any(soft[run].get("test_rows_tied") is not None for run in lp_runs):
+        console.print(f"test rows whose top class ties after rounding: {shares('test_rows_tied')}% (ties go to the "
+                      f"lowest index)", highlight=False)

@@ -40,6 +40,7 @@ from .formats import FixedPoint, FloatFormat, Format
 from .plan import Plan
 from .recipe import Recipe
 from .recommend import add_resolution, summarize
+from .results import CheckReport
 
 LOST_MASS = 0.3
 UNDERFLOW = 0.05
@@ -74,17 +75,16 @@ def _range_step(saturated: float) -> int:
     return 2 if saturated >= 0.05 else 1
 
 
-def blame(report: dict[str, Any], plan: Plan, step: int = 2) -> list[Widening]:
+def blame(report: CheckReport, plan: Plan, step: int = 2) -> list[Widening]:
     """What to widen after a failed check, from the Kahan run's diagnostics."""
     out: list[Widening] = []
-    kahan = report["runs"]["kahan"]
-    if kahan.get("diverged"):
-        where = kahan["diverged_in"]
-        layer, tensor = where["layer"], where["tensor"]
+    kahan = report.runs["kahan"]
+    if kahan.diverged:
+        layer, tensor = kahan.diverged_in.layer, kahan.diverged_in.tensor
         if layer in plan.layers and tensor in plan.layers[layer]:
-            why = f"the Kahan run diverged at step {kahan['diverged_at']}, first non-finite in {layer} {tensor}"
+            why = f"the Kahan run diverged at step {kahan.diverged_at}, first non-finite in {layer} {tensor}"
             out += [Widening(layer, tensor, "range", 1, why), Widening(layer, tensor, "resolution", step, why)]
-    for layer, d in report["diagnostics"].items():
+    for layer, d in report.diagnostics.items():
         def value(key: str, d: dict[str, Any] = d) -> float:
             return d.get(key, {}).get("kahan") or 0.0
         clipped = value("weight_saturated")
@@ -105,7 +105,7 @@ def blame(report: dict[str, Any], plan: Plan, step: int = 2) -> list[Widening]:
             if sat > SATURATION:
                 out.append(Widening(layer, tensor, "range", _range_step(sat),
                                     f"{sat:.2%} saturated (> {SATURATION:.1%})"))
-    soft = report.get("softmax", {}).get("kahan", {})
+    soft = report.softmax.get("kahan", {})
     if (soft.get("logits_saturated") or 0.0) > LOGITS_SATURATED:
         out.append(Widening("softmax", "input", "range", 1,
                             f"{soft['logits_saturated']:.0%} of logits saturated (> {LOGITS_SATURATED:.0%})"))
@@ -162,21 +162,21 @@ def verify(recipe: Recipe, plan: Plan, stats: dict[str, Any], *, tolerance: floa
         report = train_check(recipe, plan, tolerance=tolerance, seed=seed, steps=steps, progress=progress,
                              data=data)
         summary = summarize(plan, stats)
+        gap = report.runs["kahan"].gap_to_fp32
         entry: dict[str, Any] = {
             "round": number,
-            "passed": report["verdict"]["passed"],
-            "fp32_accuracy": report["runs"]["fp32"]["test_accuracy"],
-            "kahan_accuracy": report["runs"]["kahan"]["test_accuracy"],
-            "gap_points": None if report["runs"]["kahan"]["gap_to_fp32"] is None
-            else report["runs"]["kahan"]["gap_to_fp32"] * 100,
+            "passed": report.verdict.passed,
+            "fp32_accuracy": report.runs["fp32"].test_accuracy,
+            "kahan_accuracy": report.runs["kahan"].test_accuracy,
+            "gap_points": None if gap is None else gap * 100,
             "overall_bits": summary["overall_bits"],
             "vs_16bit": summary["vs_16bit"],
-            "verdict": report["verdict"]["reason"],
-            "seconds": report["timing"]["seconds"]["total"],
+            "verdict": report.verdict.reason,
+            "seconds": report.seconds["total"],
             "widened": [],
         }
         history.append(entry)
-        if report["verdict"]["passed"] or number == rounds:
+        if report.verdict.passed or number == rounds:
             break
         new_plan, changes = widen(plan, blame(report, plan, step), max_bits)
         entry["widened"] = changes

@@ -298,6 +298,18 @@ PLAN_CASES = [
     ("optimizer.comp_format", "fx0.3", "optimizer.comp_format", "width"),
     ("classes", 0, "classes", ">= 2"),
     ("extra", 1, "extra", "unknown key"),
+    ("layers.0.momentum", "fx99.1", "layers.0.momentum", "width"),
+    ("layers.0.input", "int8", "layers.0.input", "unknown format"),
+    ("layers.0.parameters", "0.weight", "layers.0.parameters", "list of parameter names"),
+    ("layers.0.parameters", [1], "layers.0.parameters", "list of parameter names"),
+    ("layers.0.parameters", ["0.weight", "0.bais"], "layers.0.parameters", "no trainable parameter '0.bais'"),
+    ("layers.0.parameters", ["0.weight"], "layers", "0.bias"),
+    ("layers.2.parameters", ["2.weight", "2.bias", "0.bias"], "layers.2.parameters", "already stored by"),
+    ("keep_fp32", "0.bias", "keep_fp32", "list of parameter names"),
+    ("keep_fp32", ["0.bias"], "keep_fp32", "already stored by"),
+    ("keep_fp32", ["nope"], "keep_fp32", "no trainable parameter 'nope'"),
+    ("tied", ["a"], "tied", "must be a mapping"),
+    ("tied", {"a": 1}, "tied", "parameter names"),
 ]
 FORMAT_STRINGS = ["fx25.3", "fx2", "fx8.7.1", "fx-8.3", "fxa.b", "dfx", "dfx30", "e0m3", "e9m2", "e4m24",
                   "e4m3fnuz", "e8m7fn", "fp64", "fp8", "int8", "float16", "bfloat16", "fx8.200", "FX8,7", "8.7"]

@@ -45,12 +45,12 @@ def test_cuda_without_one_is_bad_input(small_recipe):
 def test_report_names_the_device_without_run_specific_detail(small_recipe):
     recipe = load_recipe(small_recipe(training={"lr": 0.05, "batch_size": 32, "steps": 30, "analyze_steps": 5}))
     plan = recommend(analyze(recipe))
-    report = train_check(recipe, plan, device="cpu")
+    report = train_check(recipe, plan, device="cpu").document()
     assert report["device"] == {"type": "cpu", "processes": 1}
     assert describe_device(torch.device("cpu"), World(1, 2, "gloo")) == {"type": "cpu", "processes": 2,
                                                                            "backend": "gloo"}
     if not torch.cuda.is_available():  # "auto" is the CPU here: the same bytes
-        auto = train_check(recipe, plan, device="auto")
+        auto = train_check(recipe, plan, device="auto").document()
         for doc in (report, auto):
             doc.pop("timing")
         assert dumps(auto, as_json=True) == dumps(report, as_json=True)
@@ -125,13 +125,13 @@ def test_cuda_stochastic_rounding_picks_a_neighbour_without_bias(fmt):
 @needs_cuda
 def test_cuda_train_check_matches_cpu_verdict(small_recipe):
     recipe = small_recipe()
-    cpu = train_check(recipe, device="cpu")
-    gpu = train_check(recipe, device="cuda")
+    cpu = train_check(recipe, device="cpu").document()
+    gpu = train_check(recipe, device="cuda").document()
     assert gpu["device"]["type"] == "cuda" and gpu["device"]["name"]
     assert gpu["verdict"]["passed"] == cpu["verdict"]["passed"]
     for run in cpu["runs"]:
         assert abs(gpu["runs"][run]["test_accuracy"] - cpu["runs"][run]["test_accuracy"]) <= 0.01, run
-    again = train_check(recipe, device="cuda")
+    again = train_check(recipe, device="cuda").document()
     for doc in (gpu, again):
         doc.pop("timing")
     assert json.dumps(gpu, sort_keys=True) == json.dumps(again, sort_keys=True)

@@ -68,7 +68,7 @@ def test_two_processes_give_the_single_process_verdict(tmp_path):
     assert result.returncode in (0, 1), result.stderr[-3000:]
     parallel = json.loads(result.stdout)  # one document: only rank 0 printed
 
-    single = train_check(recipe, plan)
+    single = train_check(recipe, plan).document()
     assert parallel["device"] == {"type": "cpu", "processes": 2, "backend": "gloo"}
     assert parallel["verdict"]["passed"] == single["verdict"]["passed"]
     assert result.returncode == (0 if single["verdict"]["passed"] else 1), result.stderr[-4000:]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lpcli import analyze, load_recipe, recommend, train_check
 from lpcli.errors import InputError
+from lpcli.formats import parse_format
 from lpcli.plots import DPI, FIGSIZE, check_available, plot_check, plot_plan
+from lpcli.results import Location
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -51,19 +54,18 @@ def test_check_figures_have_their_pixel_size(report, tmp_path):
 
 
 def test_plan_figure(report, tmp_path):
-    plan = dict(report["plan"])
-    plan["layers"] = {**plan["layers"], "0": {**plan["layers"]["0"], "weight": "bf16", "error": "dfx8",
-                                              "weight_grad": "fp32"}}
-    (path,) = plot_plan(plan, tmp_path, prefix="mine")
+    layers = {**report.plan.layers, "0": {**report.plan.layers["0"], "weight": parse_format("bf16"),
+                                          "error": parse_format("dfx8"), "weight_grad": parse_format("fp32")}}
+    (path,) = plot_plan(replace(report.plan, layers=layers), tmp_path, prefix="mine")
     assert path == tmp_path / "mine-widths.png"
     assert png_size(path) == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
 
 
 def test_diverged_and_partial_reports_still_draw(report, tmp_path):
-    broken = {**report, "runs": {**report["runs"]}}
-    broken["runs"]["plain"] = {**report["runs"]["plain"], "diverged": True, "diverged_at": 30, "test_accuracy": None,
-                               "loss_curve": {"every": 25, "values": [2.3, None]}}
-    broken["diagnostics"] = {name: {"lost_updates": {"plain": None, "kahan": 0.5}} for name in report["diagnostics"]}
+    plain = replace(report.runs["plain"], diverged_at=30, diverged_in=Location("0", "error"), test_accuracy=None,
+                    loss_curve=[2.3, float("nan")])
+    broken = replace(report, runs={**report.runs, "plain": plain},
+                     diagnostics={name: {"lost_updates": {"plain": None, "kahan": 0.5}} for name in report.diagnostics})
     assert len(plot_check(broken, tmp_path)) == 2
 
 
@@ -78,14 +80,14 @@ def test_existing_file_is_not_a_directory(report, tmp_path):
     assert not (tmp_path / "not yet").exists()
 
 
-def test_without_matplotlib_the_message_says_how_to_install(monkeypatch, tmp_path):
+def test_without_matplotlib_the_message_says_how_to_install(report, monkeypatch, tmp_path):
     for name in ("matplotlib.backends.backend_agg", "matplotlib.figure"):
         monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
     with pytest.raises(InputError) as missing:
-        plot_check({"runs": {}, "diagnostics": {}}, tmp_path / "out")
+        plot_check(report, tmp_path / "out")
     assert str(missing.value) == "command line: --plot: needs matplotlib: pip install 'lpcli[plot]'"
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="lpcli\\[plot\\]"):
-        plot_plan({"layers": {}}, tmp_path)
+        plot_plan(report.plan, tmp_path)
     with pytest.raises(InputError, match="lpcli\\[plot\\]"):
         check_available()

@@ -33,7 +33,7 @@ def test_user_loop_reproduces_the_kahan_run_of_train_check_bit_for_bit(tmp_path)
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(recommend(analyze(recipe, seed=seed)).document()))
     plan = load_plan(plan_path)
-    report = train_check(recipe, plan, seed=seed, steps=steps)
+    report = train_check(recipe, plan, seed=seed, steps=steps).document()
 
     # The user's side: public API, their own model and loop.
     data = load_data(recipe.data, recipe.source)
@@ -184,3 +184,28 @@ def test_train_check_refuses_a_plan_that_leaves_a_parameter_out(small_recipe, tm
     result = run_cli("train-check", recipe, "--plan", plan, "--json")
     assert result.exit_code in (0, 1)
     assert "parameter 2.bias (keep_fp32)" in result.json()["kept_fp32"]
+
+
+def test_the_plans_momentum_format_stores_the_buffer():
+    """The momentum buffer lives on its planned grid after every step (the float64
+    reference: m = Q_m(Q_m(m * momentum) + g) with the gradient the simulation rounded)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 3))
+    plan = fixed_plan(model, "fx12.8")
+    layers = {name: {**fmts, "momentum": parse_format("fx6.4"), "weight_grad": parse_format("fp32")}
+              for name, fmts in plan.layers.items()}
+    plan = Plan(**{**plan.__dict__, "layers": layers})
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with Simulation(model, plan) as sim:
+        optimizer = sim.optimizer(lr=0.1, momentum=0.9)
+        assert {str(g["momentum_format"]) for g in optimizer.param_groups} == {"fx6.4"}
+        expected = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grads = [p.grad.double() for p in model.parameters()]
+            optimizer.step()
+            for i, (m, g) in enumerate(zip(expected, grads, strict=True)):
+                expected[i] = quantize(quantize(m * 0.9, "fx6.4").double() + g, "fx6.4").double()
+        for p, m in zip(model.parameters(), expected, strict=True):
+            assert torch.equal(optimizer.state[p]["momentum_buffer"].double(), m)

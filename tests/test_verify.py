@@ -12,6 +12,7 @@ from lpcli.formats import FixedPoint
 from lpcli.plan import TENSORS, plan_from_document
 from lpcli.recipe import load_recipe
 from lpcli.recommend import recommend, summarize
+from lpcli.results import CheckReport, DataSummary, RunSummary, TrainingSummary, Verdict
 from lpcli.stats import analyze
 from lpcli.verify import Widening, add_range, blame, verify, widen
 
@@ -52,15 +53,21 @@ def test_verify_widens_the_blamed_weights_of_a_failing_plan(small_recipe):
     assert gaps[-1] < gaps[0]  # the widening helped
 
 
+def kahan_report(plan, diagnostics, softmax=None) -> CheckReport:
+    """A report whose Kahan run trained, with the given diagnostics: what blame reads."""
+    run = RunSummary(0.9, 0.9, 0.3, 0.3, [0.3], low_precision=True)
+    return CheckReport("recipe", DataSummary("data", 10, 100, 20), TrainingSummary(0.1, 0.0, 0.0, 32, 10, 0), {},
+                       plan, {"kahan": run}, diagnostics, softmax or {}, [], Verdict(False, 1.0, "test"))
+
+
 def test_blame_reads_the_kahan_diagnostics():
     plan = recommend(_tiny_stats())
-    report = {
-        "runs": {"kahan": {"diverged": False}},
-        "diagnostics": {"0": {"lost_mass": {"plain": 0.99, "kahan": 0.6}, "error_underflow": {"kahan": 0.2},
-                              "activation_saturated": {"kahan": 0.02}},
-                        "1": {"lost_mass": {"plain": 0.99, "kahan": 0.01}}},
-        "softmax": {"kahan": {"logits_saturated": 0.1, "non_target_errors_flushed": 0.99}},
-    }
+    report = kahan_report(
+        plan,
+        diagnostics={"0": {"lost_mass": {"plain": 0.99, "kahan": 0.6}, "error_underflow": {"kahan": 0.2},
+                           "activation_saturated": {"kahan": 0.02}},
+                     "1": {"lost_mass": {"plain": 0.99, "kahan": 0.01}}},
+        softmax={"kahan": {"logits_saturated": 0.1, "non_target_errors_flushed": 0.99}})
     found = {(w.layer, w.tensor, w.kind) for w in blame(report, plan)}
     assert found == {("0", "weight", "resolution"), ("0", "error", "resolution"), ("0", "activation", "range"),
                      ("softmax", "error", "resolution")}
@@ -71,7 +78,7 @@ def test_blame_reads_the_kahan_diagnostics():
     assert new.softmax_error.frac == plan.softmax_error.frac + 1 and new.layers["1"]["error"] == new.softmax_error
     assert len(changes) == 4
     # nothing above a threshold: one resolution bit for every weight and (non-softmax) error
-    quiet = {"runs": {"kahan": {"diverged": False}}, "diagnostics": {}, "softmax": {}}
+    quiet = kahan_report(plan, diagnostics={}, softmax={})
     assert {(w.layer, w.tensor) for w in blame(quiet, plan)} == {("0", "weight"), ("0", "error"), ("1", "weight")}
     # the bit limit is kept
     capped, changes = widen(plan, [Widening("0", "weight", "resolution", 30, "test")], max_bits=12)
@@ -143,7 +150,6 @@ def test_weights_at_the_range_limit_are_counted_and_blamed_on_the_range():
     plan = Plan(layers={"0": fmts}, softmax_input=parse_format("fp32"), softmax_error=parse_format("fp32"))
     shares = Simulation(nn.Sequential(layer), plan).weights_at_limit()
     assert shares == {"0": 3 / 6}
-    report = {"runs": {"kahan": {"diverged": False}},
-              "diagnostics": {"0": {"weight_saturated": {"kahan": 0.5}, "lost_mass": {"kahan": 0.9}}}}
+    report = kahan_report(plan, diagnostics={"0": {"weight_saturated": {"kahan": 0.5}, "lost_mass": {"kahan": 0.9}}})
     widenings = [w for w in blame(report, plan) if w.tensor == "weight"]
     assert [(w.layer, w.kind, w.bits) for w in widenings] == [("0", "range", 2)]

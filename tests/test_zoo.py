@@ -344,20 +344,16 @@ def test_dict_output_error_names_the_model(command: tuple[str, ...], tmp_path: P
     assert any(name in line for name in ("zoo:dict_output", "dict_output", "DictOutput")), line
 
 
-def test_reports_of_a_deep_model_fit_80_columns(chains: Callable[[str], Chain]) -> None:
-    """The transformer's report and plan, rendered at 80 columns: no line wider, no cell cut
-    short, every layer shown (9 layers, under the summary limit) and the float32 list there."""
-    from rich.console import Console
-
-    from lpcli.plan import plan_from_document
-    from lpcli.report import render_check, render_plan
-
+def test_reports_of_a_deep_model_fit_80_columns(chains: Callable[[str], Chain],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transformer's train-check and plan as the CLI prints them at 80 columns: no line
+    wider, no cell cut short, and the float32 list there."""
     chain = chains("token_transformer")
-    report = chain.report()
-    console = Console(width=80, record=True, highlight=False)
-    render_check(report, console)
-    render_plan(plan_from_document(chain.plan(), "plan"), console)
-    text = console.export_text()
+    monkeypatch.setenv("COLUMNS", "80")
+    checked = invoke("train-check", chain.recipe, "--plan", chain.plan_path)
+    recommended = invoke("recommend", chain.recipe, "--stats", chain.stats_path)
+    assert checked.exit_code in (0, 1) and recommended.exit_code == 0, tail(checked) + tail(recommended)
+    text = checked.stdout + recommended.stdout
     assert max(len(line) for line in text.splitlines()) <= 80
     rows = [line for line in text.splitlines() if line.startswith(" encoder") or line.startswith(" (root)")]
     assert rows and not any("…" in row.split()[-1] for row in rows)  # values are never elided, names may be

@@ -1,0 +1,148 @@
+"""What train-check finds, as small dataclasses with ``.document()`` (their JSON/YAML
+form) like :class:`lpcli.plan.Plan`: the face renders them, verify and plots read
+their fields, and the file form is written from them alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import Plan
+
+LOSS_EVERY = 25  # the loss curve keeps every 25th step's batch loss (and the last)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a value first became NaN or inf: a layer (or ``"loss"``) and a tensor role."""
+
+    layer: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One training run of a train-check. Accuracies are shares in [0, 1]; None when the
+    run diverged. ``gap_to_fp32`` and ``weights_saturated_at_start`` belong to the
+    low-precision runs."""
+
+    test_accuracy: float | None
+    test_accuracy_fp32_logits: float | None
+    test_loss: float | None
+    final_loss: float | None  # mean batch loss over the last tenth of the steps (at most 50)
+    loss_curve: list[float]
+    diverged_at: int | None = None
+    diverged_in: Location | None = None
+    test_balanced_accuracy: float | None = None  # on imbalanced data only
+    low_precision: bool = False
+    gap_to_fp32: float | None = None
+    weights_saturated_at_start: int | None = None
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    def divergence(self) -> str:
+        where = self.diverged_in
+        return f"diverged at step {self.diverged_at} (first non-finite: layer {where.layer} {where.tensor})"
+
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"test_accuracy": self.test_accuracy,
+                               "test_accuracy_fp32_logits": self.test_accuracy_fp32_logits}
+        if self.test_balanced_accuracy is not None:
+            doc["test_balanced_accuracy"] = self.test_balanced_accuracy
+        doc.update({
+            "test_loss": self.test_loss,
+            "final_loss": self.final_loss,
+            "diverged": self.diverged,
+            "diverged_at": self.diverged_at,
+            "diverged_in": None if self.diverged_in is None else {"layer": self.diverged_in.layer,
+                                                                   "tensor": self.diverged_in.tensor},
+            "loss_curve": {"every": LOSS_EVERY, "values": list(self.loss_curve)},
+        })
+        if self.low_precision:
+            doc["weights_saturated_at_start"] = self.weights_saturated_at_start
+            doc["gap_to_fp32"] = self.gap_to_fp32
+        return doc
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    name: str
+    classes: int
+    train: int
+    test: int
+    notes: tuple[str, ...] = ()
+    imbalanced: bool = False
+
+    def document(self) -> dict[str, Any]:
+        return {"name": self.name, "classes": self.classes, "train": self.train, "test": self.test,
+                "notes": list(self.notes), "imbalanced": self.imbalanced}
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    steps: int
+    seed: int
+
+    def document(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "batch_size": self.batch_size, "steps": self.steps, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    tolerance_points: float
+    reason: str
+
+    def document(self) -> dict[str, Any]:
+        return {"passed": self.passed, "tolerance_points": self.tolerance_points, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """A train-check: the runs side by side, the diagnostics that explain their gaps, what
+    stayed float32 and the verdict.
+
+    ``diagnostics[layer][key][run]`` and ``softmax[run][key]`` are shares in [0, 1] (None
+    where nothing was counted), for the low-precision runs: keys ``lost_updates``,
+    ``lost_mass``, ``weight_saturated`` and ``<role>_underflow`` / ``<role>_saturated``;
+    softmax ``logits_saturated``, ``non_target_errors_flushed``, ``error_underflow`` and
+    ``test_rows_tied``.
+    """
+
+    recipe: str
+    data: DataSummary
+    training: TrainingSummary
+    device: dict[str, Any]
+    plan: Plan
+    runs: dict[str, RunSummary]
+    diagnostics: dict[str, dict[str, dict[str, float | None]]]
+    softmax: dict[str, dict[str, float | None]]
+    kept_fp32: list[str]
+    verdict: Verdict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def low_precision_runs(self) -> tuple[str, ...]:
+        return tuple(name for name, run in self.runs.items() if run.low_precision)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "data": self.data.document(),
+            "training": self.training.document(),
+            "device": self.device,
+            "plan": self.plan.document(),
+            "runs": {name: run.document() for name, run in self.runs.items()},
+            "diagnostics": self.diagnostics,
+            "softmax": self.softmax,
+            "kept_fp32": list(self.kept_fp32),
+            "verdict": self.verdict.document(),
+            "timing": {"seconds": dict(self.seconds)},
+        }
