@@ -22,7 +22,7 @@ from .errors import InputError, Interrupted
 from .models import run_model
 from .plan import Plan
 from .recipe import Recipe, load_recipe
-from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary, TrainingSummary, Verdict
+from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary, Verdict
 from .simulate import NonFiniteWatch, Simulator
 from .simulation import Simulation, resolve
 from .stats import Progress, prepare_run
@@ -110,13 +110,11 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         for name, values in (result.diagnostics or {}).get("layers", {}).items():
             for key, value in values.items():
                 diagnostics[name].setdefault(key, {})[run] = value
-    training = recipe.training
     return CheckReport(
         recipe=recipe.source,
         data=DataSummary(setup.data.name, setup.data.classes, len(setup.data.y_train), len(setup.data.y_test),
                          setup.data.notes, setup.data.imbalanced),
-        training=TrainingSummary(training.lr, training.momentum, training.weight_decay, training.batch_size, steps,
-                                 setup.seed),
+        training=replace(recipe.training, steps=steps, seed=setup.seed),
         device=distributed.describe_device(device, world),
         plan=plan,
         runs=runs,

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .plan import Plan
+from .recipe import Training
 
 LOSS_EVERY = 25  # the loss curve keeps every 25th step's batch loss (and the last)
+REPORTED_TRAINING = ("lr", "momentum", "weight_decay", "batch_size", "steps", "seed")
 
 
 @dataclass(frozen=True)
@@ -81,20 +83,6 @@ class DataSummary:
 
 
 @dataclass(frozen=True)
-class TrainingSummary:
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    steps: int
-    seed: int
-
-    def document(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "batch_size": self.batch_size, "steps": self.steps, "seed": self.seed}
-
-
-@dataclass(frozen=True)
 class Verdict:
     passed: bool
     tolerance_points: float
@@ -118,7 +106,7 @@ class CheckReport:
 
     recipe: str
     data: DataSummary
-    training: TrainingSummary
+    training: Training  # the recipe's, with the steps and seed of this check
     device: dict[str, Any]
     plan: Plan
     runs: dict[str, RunSummary]
@@ -136,7 +124,7 @@ class CheckReport:
         return {
             "recipe": self.recipe,
             "data": self.data.document(),
-            "training": self.training.document(),
+            "training": {key: getattr(self.training, key) for key in REPORTED_TRAINING},
             "device": self.device,
             "plan": self.plan.document(),
             "runs": {name: run.document() for name, run in self.runs.items()},

@@ -10,9 +10,9 @@ import torch
 from lpcli.files import read_document
 from lpcli.formats import FixedPoint
 from lpcli.plan import TENSORS, plan_from_document
-from lpcli.recipe import load_recipe
+from lpcli.recipe import Training, load_recipe
 from lpcli.recommend import recommend, summarize
-from lpcli.results import CheckReport, DataSummary, RunSummary, TrainingSummary, Verdict
+from lpcli.results import CheckReport, DataSummary, RunSummary, Verdict
 from lpcli.stats import analyze
 from lpcli.verify import Widening, add_range, blame, verify, widen
 
@@ -56,7 +56,7 @@ def test_verify_widens_the_blamed_weights_of_a_failing_plan(small_recipe):
 def kahan_report(plan, diagnostics, softmax=None) -> CheckReport:
     """A report whose Kahan run trained, with the given diagnostics: what blame reads."""
     run = RunSummary(0.9, 0.9, 0.3, 0.3, [0.3], low_precision=True)
-    return CheckReport("recipe", DataSummary("data", 10, 100, 20), TrainingSummary(0.1, 0.0, 0.0, 32, 10, 0), {},
+    return CheckReport("recipe", DataSummary("data", 10, 100, 20), Training(0.1, 0.0, 0.0, 32, 10, 0, 5), {},
                        plan, {"kahan": run}, diagnostics, softmax or {}, [], Verdict(False, 1.0, "test"))
 
 
