@@ -75,6 +75,7 @@ import torch
 
 from . import formats
 from .formats import (
+    MAX_FIXED_WIDTH,
     FixedPoint,
     Float32,
     FloatFormat,
@@ -89,15 +90,23 @@ from .formats import (
 MODES = ("kahan", "plain", "stochastic")
 
 
-def compensation_format(weight_format: Format) -> Format:
-    """Same width as the weights, scaled so its range covers one weight LSB.
+def compensation_format(weight_format: Format, frac: int | None = None) -> Format:
+    """A fixed-point compensation whose range covers one weight LSB: ``[-LSB, LSB)``
+    (rounding to nearest leaves at most half an LSB to carry), with ``frac`` fraction bits
+    (at least one more than the weights'), or without ``frac`` the weights' own width.
 
-    Rounding to nearest leaves at most half an LSB to carry; one LSB of range leaves a
-    bit of headroom. Floats and dynamic fixed point carry in their own format.
+    The width alone decides how small an update the compensation keeps: its step is
+    ``2^-frac``, and an update below half of it is rounded away by the compensation
+    itself, so ``lpcli recommend`` sizes ``frac`` from the update distribution. Floats and
+    dynamic fixed point carry in their own format (a float's step follows the value).
     """
-    if isinstance(weight_format, FixedPoint):
-        return FixedPoint(weight_format.width, weight_format.width + weight_format.frac - 1)
-    return weight_format
+    if not isinstance(weight_format, FixedPoint):
+        return weight_format
+    integer = 1 - weight_format.frac
+    if frac is None:
+        return FixedPoint(weight_format.width, weight_format.width - integer)
+    frac = max(frac, weight_format.frac + 1)
+    return FixedPoint(min(MAX_FIXED_WIDTH, integer + frac), min(MAX_FIXED_WIDTH, integer + frac) - integer)
 
 
 class KahanSGD(torch.optim.Optimizer):

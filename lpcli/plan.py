@@ -7,15 +7,15 @@ As ``recommend`` writes it and a user may edit it::
     output_layer: "2"
     layers:
       "0": {input: fx8.4, weight: fx8.7, activation: fx12.6, error: fx12.11, weight_grad: fx12.14,
-            momentum: fp32, parameters: ["0.weight", "0.bias"]}
+            momentum: fp32, compensation: fx12.18, parameters: ["0.weight", "0.bias"]}
       "2": {input: fx9.5, weight: fx8.7, activation: fx8.4, error: fx5.4, weight_grad: fx12.14,
-            momentum: fp32, parameters: ["2.weight", "2.bias"]}
+            momentum: fp32, compensation: fx12.18, parameters: ["2.weight", "2.bias"]}
     keep_fp32: []               # trainable parameters left in float32, by choice (reported)
     tied: {}                    # alias -> the parameter name that stores it (planned once)
     softmax_input: fx8.4        # z - max(z) at the last layer's output; the class-count bound
     softmax_error: fx5.4        # p - y, before the 1/batch mean
     softmax_error_rows: zero-sum  # the target's error is minus the rounded others (or: each)
-    optimizer: {kahan: true}    # comp_format (one for all layers) derived unless given
+    optimizer: {kahan: true}    # comp_format: one compensation format for every layer, overriding theirs
     reasons: {...}              # one line per decision (informative; ignored when read)
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from .files import check_header, header
 from .formats import FixedPoint, Format
+from .optim import compensation_format
 from .schema import Fields
 
 # The tensor roles of a planned layer, the one definition every module uses:
@@ -35,9 +36,11 @@ from .schema import Fields
 #   error       the gradient arriving at that output
 #   weight_grad the accumulated gradient of each parameter
 #   momentum    the optimizer's momentum buffer
-TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum")
-# Roles a plan written before they existed may leave out: they are then float32 (and reported as such).
-OPTIONAL_TENSORS = ("input", "momentum")
+#   compensation  Kahan's compensation: what rounding the weights threw away, added back next step
+TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum", "compensation")
+# Roles a plan written before they existed may leave out: float32, or for the compensation the
+# default derived from the weight format (lpcli.optim.compensation_format).
+OPTIONAL_TENSORS = ("input", "momentum", "compensation")
 PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "keep_fp32", "tied", "softmax_input", "softmax_error",
              "softmax_error_rows", "optimizer", "reasons", "summary", "source", "verify")
 # How the rounded softmax error is formed: "zero-sum" (the target's error is minus the sum of
@@ -98,6 +101,9 @@ class Plan:
             if tensor == "activation" and name == self.output_layer:
                 continue
             fmts[tensor] = resize(fmts[tensor], width)
+            if tensor == "weight" and isinstance(fmts["compensation"], FixedPoint):
+                # the same step, its range moved to the new weight LSB
+                fmts["compensation"] = compensation_format(fmts["weight"], fmts["compensation"].frac)
         plan = replace(self, layers=layers)
         if tensor == "activation":
             plan = plan.with_softmax(input_width=width)
@@ -131,7 +137,10 @@ def plan_from_document(doc: Any, source: str) -> Plan:
     parameters: dict[str, list[str] | None] = {}
     for name, raw in layers_section.value.items():
         entry = Fields(source, layers_section.sub(name), raw, TENSORS + ("parameters",))
-        layers[str(name)] = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None) for t in TENSORS}
+        fmts = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None) for t in TENSORS}
+        if not entry.has("compensation"):
+            fmts["compensation"] = compensation_format(fmts["weight"])
+        layers[str(name)] = fmts
         parameters[str(name)] = _names(entry, "parameters") if entry.has("parameters") else None
     keep_fp32 = _names(top, "keep_fp32") if top.has("keep_fp32") else []
     tied = top.section("tied").value

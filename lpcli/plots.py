@@ -146,7 +146,7 @@ def plot_plan(plan: Plan, directory: str | Path, prefix: str = "plan") -> list[P
     output = plan.output_layer
     width = 0.8 / len(TENSORS)
     tallest = 8
-    colors = ("#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f")
+    colors = ("#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f", "#bcbd22")
     for t, (tensor, color) in enumerate(zip(TENSORS, colors, strict=True)):
         bits, frac = [], []
         for name in names:
@@ -166,7 +166,7 @@ def plot_plan(plan: Plan, directory: str | Path, prefix: str = "plan") -> list[P
     ax.set_ylabel("bits (hatched: fraction bits)")
     ax.set_ylim(0, tallest * 1.25)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncols=6, loc="upper left")
+    ax.legend(fontsize="small", ncols=4, loc="upper left")
     ax.set_title(f"plan: {plan.classes or '?'} classes, softmax input {plan.softmax_input}, error "
                  f"{plan.softmax_error}", fontsize="medium")
     return [_save(figure, folder / f"{prefix}-widths.png")]

@@ -435,7 +435,7 @@ def fixed_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, 
             fmt, _ = _fixed(integer, frac, rules)
             lost = underflow_share(update, fmt.frac)
             why += (f"; median |lr*g| {update['p50']:.2g} vs LSB/2 {fmt.step / 2:.2g}: "
-                    + (f"~{lost:.0%} of updates below it, Kahan keeps them in {compensation_format(fmt)}"
+                    + (f"~{lost:.0%} of updates below it, Kahan keeps them in the compensation"
                        if lost > 0 else "updates exceed LSB/2, Kahan kept on")
                     + f" (plain SGD would need F>={plain}, {integer + plain} bits)")
         elif plain > frac:
@@ -473,9 +473,39 @@ def float_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, 
     why += (f"; down to {bottom:.3g} ({bottom_why}): {binades:.0f} binades, {fmt.exp} exponent bits (max "
             f"{fmt.max_value:.3g}, smallest subnormal {fmt.step:.3g}); {man} mantissa bits ({man_why})")
     if tensor == "weight" and rules.kahan:
-        why += f"; updates below half an ulp are carried by Kahan in {compensation_format(fmt)}"
+        why += "; updates below half an ulp are carried by Kahan in the compensation"
     fmt2, note = finish(fmt, rules)
     return fmt2, why + note  # type: ignore[return-value]
+
+
+def compensation_rule(weight: Format, update: dict[str, Any], rules: Rules) -> tuple[Format, str]:
+    """Kahan's compensation for weights in ``weight``, from the update distribution.
+
+    It holds the residue rounding leaves (at most half a weight LSB), so its range is one
+    weight LSB; its step must keep the updates themselves: at most ``rules.underflow`` (1%)
+    of the non-zero updates may fall below half a compensation step, where the
+    compensation rounds them away (read off the update's binade histogram). A
+    compensation with the weights' width and that range has a step of
+    ``LSB * 2^-(W-1)``: on digits-mlp at 5 weight bits it dropped most updates, and Kahan
+    lost to fp32 (``benchmarks/weight_widths.py``). Floats carry in their own format.
+    """
+    if not rules.kahan:
+        return Float32(), "plain SGD (no Kahan summation): no compensation is stored"
+    if not isinstance(weight, FixedPoint):
+        return weight, (f"carried in the weights' own format {weight}, as torch-optimi's Kahan summation does (a "
+                        f"float's step follows the value)")
+    if not update.get("log2_hist"):
+        fmt = compensation_format(weight)
+        return fmt, f"no update statistics: the weights' width with a range of one weight LSB ({fmt})"
+    frac = underflow_fraction_bits(update, rules.underflow)
+    fmt = compensation_format(weight, frac)
+    fmt, note = finish(fmt, rules)
+    dropped = underflow_share(update, fmt.frac)
+    plain = compensation_format(weight)
+    return fmt, (f"range one weight LSB {weight.step:g} ({fmt.integer_bits} int bits): holds the rounding residue "
+                 f"(<= LSB/2); step 2^-{fmt.frac}: {dropped:.1%} of non-zero updates |u| fall below half of it "
+                 f"(<= {rules.underflow:.0%}; the weights' width, {plain}, would drop "
+                 f"{underflow_share(update, plain.frac):.0%})" + note)
 
 
 def recommend_layer(layer: dict[str, Any], rules: Rules, fixed: dict[str, Format]) -> tuple[
@@ -488,6 +518,8 @@ def recommend_layer(layer: dict[str, Any], rules: Rules, fixed: dict[str, Format
         if tensor in fixed:
             formats[tensor] = fixed[tensor]
             reasons[tensor] = "fixed by the recipe's precision section"
+        elif tensor == "compensation":
+            formats[tensor], reasons[tensor] = compensation_rule(formats["weight"], layer.get("update") or {}, rules)
         elif not layer.get(tensor):
             formats[tensor], reasons[tensor] = Float32(), NOTHING_SEEN[tensor]
         else:
@@ -539,7 +571,10 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
 
 
 def summarize(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
-    """Average bits per stored element, weighted by element counts, against uniform 16-bit."""
+    """What the plan costs. The datapath: average bits of the weights, activations and errors
+    the multipliers see, weighted by element counts, against uniform 16-bit. The storage,
+    per parameter: weight, compensation and momentum buffer in their formats, against the
+    plain-SGD plan (no compensation, weights as wide as plain SGD needs) and uniform 16-bit."""
     totals = {"weights": [0.0, 0], "activations": [0.0, 0], "errors": [0.0, 0]}
     for name, fmts in plan.layers.items():
         layer = stats["layers"].get(name, {})
@@ -558,4 +593,40 @@ def summarize(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
         "vs_16bit": stored_bits / (16 * stored_count) if stored_count else None,
         "weight_bytes": weight_bits / 8,
         "weight_bytes_16bit": weight_count * 2,
+        "storage_bits_per_parameter": storage_bits(plan, stats),
     }
+
+
+def storage_bits(plan: Plan, stats: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+    """Bits stored per parameter, averaged over the parameters: this plan (weight +
+    compensation with Kahan + momentum buffer when training keeps one), the plain-SGD
+    plan (weights from the same rules without Kahan: wide enough that the median update
+    reaches half an LSB; no compensation) and uniform 16-bit."""
+    with_momentum = bool((stats.get("training") or {}).get("momentum"))
+    rules = Rules(kahan=False, family="float" if any(isinstance(f["weight"], FloatFormat)
+                                                     for f in plan.layers.values()) else "fixed")
+    rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
+    points = {"plan": {"weight": 0.0, "compensation": 0.0, "momentum": 0.0},
+              "plain_sgd": {"weight": 0.0, "compensation": 0.0, "momentum": 0.0},
+              "uniform_16bit": {"weight": 0.0, "compensation": 0.0, "momentum": 0.0}}
+    count = 0
+    for name, fmts in plan.layers.items():
+        layer = stats["layers"].get(name, {})
+        params = layer.get("parameters", 0)
+        if not params:
+            continue
+        count += params
+        momentum = fmts["momentum"].width if with_momentum else 0
+        plain = rule("weight", layer["weight"], layer.get("update") or {"p50": 0.0}, rules)[0] \
+            if layer.get("weight") else fmts["weight"]
+        for point, weight, compensation, mom in (
+                ("plan", fmts["weight"].width, fmts["compensation"].width if plan.kahan else 0, momentum),
+                ("plain_sgd", max(plain.width, fmts["weight"].width), 0, momentum),
+                ("uniform_16bit", 16, 0, 16 if with_momentum else 0)):
+            points[point]["weight"] += weight * params
+            points[point]["compensation"] += compensation * params
+            points[point]["momentum"] += mom * params
+    if not count:
+        return None
+    return {point: {**{k: v / count for k, v in parts.items()}, "total": sum(parts.values()) / count}
+            for point, parts in points.items()}

@@ -78,19 +78,19 @@ def render_stats(doc: dict[str, Any], console: Console) -> None:
 
 
 ROLE_HEADERS = {"input": "input", "weight": "weight", "activation": "output", "error": "error",
-                "weight_grad": "w.grad", "momentum": "mom."}
+                "weight_grad": "w.grad", "momentum": "mom.", "compensation": "comp."}
 
 
 def render_plan(plan: Plan, console: Console, full: bool = False) -> None:
     table = Table(title="Plan (per layer: the format of each tensor role)", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("layer", no_wrap=True)
     for tensor in TENSORS:
-        table.add_column(ROLE_HEADERS[tensor])
+        table.add_column(ROLE_HEADERS[tensor], no_wrap=True)
     names, hidden = _shown(list(plan.layers), full)
     for name in names:
         fmts = plan.layers[name]
-        label = short_name(name) + (" *" if name == plan.output_layer else "")
+        label = short_name(name, 18) + (" *" if name == plan.output_layer else "")
         table.add_row(label, *(str(fmts[t]) for t in TENSORS))
     table.caption = "*: the logits (output and error are the softmax's)"
     table.caption_justify = "left"
@@ -136,6 +136,14 @@ def _render_summary(plan: Plan, console: Console) -> None:
             f"{_num(avg['activations'])}, errors {_num(avg['errors'])}; overall {summary['vs_16bit']:.0%} of "
             f"uniform 16-bit; weights {summary['weight_bytes'] / 1024:.1f} KiB vs "
             f"{summary['weight_bytes_16bit'] / 1024:.1f} KiB at 16 bits", highlight=False)
+    storage = summary.get("storage_bits_per_parameter")
+    if storage:
+        def parts(point: dict[str, float]) -> str:
+            named = [f"{point[k]:.1f} {k}" for k in ("weight", "compensation", "momentum") if point[k]]
+            return f"{point['total']:.1f} ({' + '.join(named)})" if len(named) > 1 else f"{point['total']:.1f}"
+        console.print(f"storage bits per parameter: this plan {parts(storage['plan'])}; plain SGD (weights wide "
+                      f"enough without Kahan) {parts(storage['plain_sgd'])}; uniform 16-bit "
+                      f"{parts(storage['uniform_16bit'])}", highlight=False)
 
 
 def _where(report: CheckReport) -> str:

@@ -165,7 +165,8 @@ class Simulation:
     def optimizer(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, *, mode: str | None = None,
                   seed: int | None = None, **kwargs: Any) -> KahanSGD:
         """:class:`lpcli.KahanSGD` over the plan's groups: each layer's parameters in its
-        weight format with its momentum format, the plan's compensation format, and the
+        weight format with its momentum and compensation formats (the plan's
+        ``optimizer.comp_format`` instead, when it sets one), and the
         ``keep_fp32`` parameters in float32. ``mode`` defaults to the plan's (``kahan`` or
         ``plain``); other keyword arguments go to :class:`~lpcli.KahanSGD`."""
         groups: list[dict[str, Any]] = []
@@ -173,14 +174,15 @@ class Simulation:
             if params:
                 fmts = self.plan.layers[name]
                 groups.append({"params": [p for _, p in params], "weight_format": fmts["weight"],
-                               "momentum_format": fmts["momentum"], "name": name})
+                               "momentum_format": fmts["momentum"], "name": name,
+                               "comp_format": self.plan.comp_format or fmts["compensation"]})
         if self.groups.keep_fp32:
             groups.append({"params": [p for _, p in self.groups.keep_fp32], "weight_format": Float32(),
                            "name": KEEP_FP32})
         if mode is None:
             mode = "kahan" if self.plan.kahan else "plain"
-        self._optimizer = KahanSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   comp_format=self.plan.comp_format, mode=mode, seed=seed, **kwargs)
+        self._optimizer = KahanSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, mode=mode, seed=seed,
+                                   **kwargs)
         return self._optimizer
 
     @torch.no_grad()
@@ -280,6 +282,8 @@ class Simulation:
             opt = self._optimizer
             if opt is not None and any(g["momentum"] for g in opt.param_groups):
                 held.add("momentum")
+            if opt is not None and any(g["mode"] == "kahan" for g in opt.param_groups):
+                held.add("compensation")
         return held
 
 

@@ -9,6 +9,8 @@ import sys
 import pytest
 import yaml
 
+from lpcli.formats import parse_format
+
 from conftest import RECIPES, ROOT, run_cli
 
 
@@ -46,6 +48,28 @@ def test_narrow_weights_plain_loses_and_kahan_keeps():
     for name, layer in report["diagnostics"].items():
         assert report["plan"]["layers"][name]["weight"].startswith("fx7.")
         assert layer["lost_mass"]["plain"] > 0.9 > 0.2 > layer["lost_mass"]["kahan"]
+
+
+def test_five_bit_weights_pass_with_the_sized_compensation():
+    """digits-mlp at 5 weight bits: plain SGD stays near chance, Kahan passes (its compensation
+    sized from the updates; the weights' width would drop most of them)."""
+    result = run_cli("train-check", "digits-mlp", "--weight-bits", "5", "--json")
+    report = result.json()
+    assert result.exit_code == 0, report["verdict"]
+    assert report["runs"]["plain"]["test_accuracy"] < 0.5
+    for layer in report["plan"]["layers"].values():
+        weight, comp = parse_format(layer["weight"]), parse_format(layer["compensation"])
+        assert weight.width == 5 and comp.max_value < weight.step <= -comp.min_value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_narrowest_weights_against_fp32_over_seeds(seed):
+    """Issue bar: 5 weight bits pass and 4 stay within 2 points of fp32, seeds 0-2."""
+    five = run_cli("train-check", "digits-mlp", "--weight-bits", "5", "--seed", seed, "--json")
+    assert five.exit_code == 0, five.json()["verdict"]
+    four = run_cli("train-check", "digits-mlp", "--weight-bits", "4", "--seed", seed, "--json").json()
+    assert four["runs"]["kahan"]["gap_to_fp32"] <= 0.02
 
 
 def test_failed_check_exits_1(small_recipe):

@@ -11,6 +11,8 @@ import torch
 from lpcli import formats
 from lpcli.formats import FixedPoint, parse_format
 from lpcli.optim import KahanSGD, compensation_format
+from lpcli.recommend import Rules, compensation_rule
+from lpcli.stats import TensorSummary
 
 
 def q_fixed(v: np.ndarray, fmt: FixedPoint) -> np.ndarray:
@@ -299,3 +301,49 @@ def test_compiled_step_matches_eager(fmt, mf):
     pytest.importorskip("torch._inductor")
     _same(_run(fmt, "kahan", momentum_format=mf), _run(fmt, "kahan", momentum_format=mf, compile=True))
     _same(_run(fmt, "plain", momentum_format=mf), _run(fmt, "plain", momentum_format=mf, compile=True))
+
+
+def test_compensation_sized_from_the_updates_keeps_what_the_weight_width_drops():
+    """fx7.7 weights, 2000 steps of small updates (log-normal, around 0.2 steps of the
+    weight-width compensation fx7.13, all pushing one way): that compensation rounds a third
+    of their sum away; one sized from the updates (lpcli.recommend.compensation_rule) loses
+    what a float32 compensation does. (A constant update of 0.4 of its steps never moves the
+    weight at all: the worst case, below.)"""
+    wf = FixedPoint(7, 7)
+    narrow = compensation_format(wf)
+    generator = torch.Generator().manual_seed(0)
+    updates = (0.2 * narrow.step * torch.exp(torch.randn(2000, 64, generator=generator))).float()
+    summary = TensorSummary(torch.Generator().manual_seed(0))
+    summary.add(updates)
+    sized, why = compensation_rule(wf, summary.result(), Rules())
+    assert narrow == FixedPoint(7, 13) and sized.frac > narrow.frac and "of non-zero updates" in why
+    assert sized.max_value < wf.step <= -sized.min_value  # its range is still one weight LSB
+    lost = {}
+    for comp in (narrow, sized, parse_format("fp32")):
+        p = torch.nn.Parameter(torch.zeros(64))
+        opt = KahanSGD([p], lr=1.0, weight_format=wf, comp_format=comp)
+        for step in range(2000):
+            p.grad = -updates[step]
+            opt.step()
+        lost[str(comp)] = opt.diagnostics()[0]["lost_mass"]
+    assert lost[str(narrow)] > 0.3
+    assert lost[str(sized)] <= lost["fp32"] + 0.005 < 0.05
+    p = torch.nn.Parameter(torch.zeros(64))
+    opt = KahanSGD([p], lr=1.0, weight_format=wf, comp_format=narrow)
+    for _ in range(2000):
+        p.grad = torch.full((64,), -0.4 * narrow.step)
+        opt.step()
+    assert not p.detach().any() and opt.diagnostics()[0]["lost_mass"] == 1.0
+
+
+@pytest.mark.parametrize("share", [0.01, 0.05])
+def test_compensation_step_drops_at_most_the_stated_share_of_updates(share):
+    rng = np.random.default_rng(3)
+    updates = torch.from_numpy(np.exp(rng.normal(-9, 2, 20000))).float()  # log-normal |u|, 7 binades wide
+    summary = TensorSummary(torch.Generator().manual_seed(0))
+    summary.add(updates)
+    wf = FixedPoint(8, 7)
+    comp, _ = compensation_rule(wf, summary.result(), Rules(underflow=share))
+    below = float((updates < comp.step / 2).float().mean())
+    coarser = float((updates < comp.step).float().mean())  # one fraction bit fewer
+    assert below <= share < coarser

@@ -82,8 +82,9 @@ def test_softmax_bounds_grow_with_the_class_count():
 
 
 def planned(fmts: dict) -> dict:
-    """The roles a plan rounds (a role with nothing seen in the analysis stays fp32)."""
-    return {t: f for t, f in fmts.items() if not isinstance(f, Float32)}
+    """The roles a plan sizes from their own statistics (a role with nothing seen stays fp32;
+    the compensation follows the weight format and the updates: tests/test_optim.py)."""
+    return {t: f for t, f in fmts.items() if not isinstance(f, Float32) and t != "compensation"}
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +259,24 @@ def test_recommend_float_from_stats_file_alone_equals_from_recipe(tmp_path):
     assert from_file["layers"] == from_recipe["layers"]
     assert from_file["summary"] == from_recipe["summary"]
     assert from_file["softmax_error"] == from_recipe["softmax_error"] == "fp8-e4m3"  # e4m2fn (7 bits) rounded up to 8
+
+
+def test_storage_counts_the_compensation_and_compares_plain_sgd(mlp_stats):
+    """Bits stored per parameter, by hand from the plan and the parameter counts: weight +
+    compensation with Kahan; the plain-SGD point's weights are the same rules without Kahan."""
+    _, stats = mlp_stats
+    plan = recommend(stats)
+    plain = recommend(stats, Rules(kahan=False))
+    params = {n: stats["layers"][n]["parameters"] for n in plan.layers}
+    total = sum(params.values())
+
+    def average(p, tensor):
+        return sum(p.layers[n][tensor].width * params[n] for n in params) / total
+    storage = plan.summary["storage_bits_per_parameter"]
+    assert storage["plan"]["weight"] == pytest.approx(average(plan, "weight"))
+    assert storage["plan"]["compensation"] == pytest.approx(average(plan, "compensation"))
+    assert storage["plan"]["total"] == pytest.approx(average(plan, "weight") + average(plan, "compensation"))
+    assert storage["plain_sgd"]["total"] == pytest.approx(average(plain, "weight"))
+    assert storage["plain_sgd"]["compensation"] == 0 and storage["uniform_16bit"]["total"] == 16
+    assert plain.summary["storage_bits_per_parameter"]["plan"]["compensation"] == 0
+    assert all(isinstance(f["compensation"], Float32) for f in plain.layers.values())

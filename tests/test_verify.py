@@ -31,8 +31,10 @@ def test_verify_widens_the_blamed_weights_of_a_failing_plan(small_recipe):
     recipe = load_recipe(small_recipe(training={"lr": 0.05, "batch_size": 32, "steps": 120, "seed": 0,
                                                 "analyze_steps": 10}))
     stats = analyze(recipe)
-    start = recommend(stats).with_fraction_bits("weight", 3)  # 3-bit weights: far outside the tolerance
-    plan, section = verify(recipe, start, stats, rounds=3)
+    # 3-bit weights: Kahan (its compensation sized from the updates) comes within a point of fp32,
+    # not within a quarter point
+    start = recommend(stats).with_fraction_bits("weight", 3)
+    plan, section = verify(recipe, start, stats, tolerance=0.25, rounds=3)
     first = section["rounds"][0]
     assert not first["passed"] and first["widened"]
     assert any(c["tensor"] == "weight" and c["from"] != c["to"] for c in first["widened"])
@@ -42,7 +44,8 @@ def test_verify_widens_the_blamed_weights_of_a_failing_plan(small_recipe):
         assert plan.layers[name]["weight"].width >= start.layers[name]["weight"].width
         assert plan.layers[name]["weight"].integer_bits >= start.layers[name]["weight"].integer_bits
     assert any(plan.layers[n]["weight"].width > start.layers[n]["weight"].width for n in plan.layers)
-    assert "verify round 1" in plan.reasons["0"]["weight"]
+    widened = {c["layer"] for c in first["widened"] if c["tensor"] == "weight" and c["from"] != c["to"]}
+    assert all("verify round 1" in plan.reasons[name]["weight"] for name in widened)
     assert plan.summary == summarize(plan, stats)
     # honest end: either the last round passed, or every round was spent (or nothing was left to widen)
     last = section["rounds"][-1]
