@@ -26,6 +26,8 @@ from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary,
 from .simulate import NonFiniteWatch, Simulator
 from .simulation import Simulation, resolve
 from .stats import Progress, prepare_run
+from .training import attach as attach_schedule
+from .training import rule_arguments, torch_optimizer
 
 RUNS = ("fp32", "plain", "kahan")
 UNTESTED = {"test_accuracy": None, "test_accuracy_fp32_logits": None, "test_loss": None}  # a diverged run
@@ -171,14 +173,13 @@ def _train(run: str, setup: _Setup) -> _RunResult:
     gradient_sum = distributed.GradientSum(model, setup.world)  # first: the quantizer's hook sees the summed gradient
     simulation = None
     if run == "fp32":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
+        optimizer = torch_optimizer(model.parameters(), training)
         loss_fn = F.cross_entropy
     else:
         simulation = Simulation(model, setup.plan, source=setup.plan_source)
         simulation.attach()
-        optimizer = simulation.optimizer(lr=training.lr, momentum=training.momentum,
-                                         weight_decay=training.weight_decay, mode=run, seed=setup.seed)
+        optimizer = simulation.optimizer(lr=training.lr, rule=training.optimizer, mode=run, seed=setup.seed,
+                                         **rule_arguments(training))
         loss_fn = simulation.cross_entropy
     try:
         curve = _steps(run, optimizer, loss_fn, setup)
@@ -209,6 +210,7 @@ def _steps(run: str, optimizer: torch.optim.Optimizer, loss_fn: Callable, setup:
     """The training loop of one run: its loss curve, final loss and where it diverged."""
     model, data, world, batches = setup.model, setup.data, setup.world, setup.batches
     watch = NonFiniteWatch(model, list(setup.plan.layers))
+    schedule = attach_schedule(optimizer, setup.recipe.training, len(batches))
     losses: list[float] = []
     diverged_at = diverged_in = None
     model.train()
@@ -224,6 +226,7 @@ def _steps(run: str, optimizer: torch.optim.Optimizer, loss_fn: Callable, setup:
                 loss = loss * setup.batch_share  # errors per sample as in one process; rank losses add up to it
             loss.backward()
             optimizer.step()
+            schedule.step()
             where = distributed.first_problem(watch.end_step(loss), world, data.x_train.device)
             if where is not None:
                 diverged_at, diverged_in = step + 1, Location(*where)

@@ -35,12 +35,13 @@ from .schema import Fields
 #   activation  the layer's output (every floating tensor of a tuple output)
 #   error       the gradient arriving at that output
 #   weight_grad the accumulated gradient of each parameter
-#   momentum    the optimizer's momentum buffer
+#   momentum    the optimizer's momentum buffer (SGD) or first moment (Adam, AdamW)
+#   variance    Adam's and AdamW's second moment
 #   compensation  Kahan's compensation: what rounding the weights threw away, added back next step
-TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum", "compensation")
+TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum", "variance", "compensation")
 # Roles a plan written before they existed may leave out: float32, or for the compensation the
 # default derived from the weight format (lpcli.optim.compensation_format).
-OPTIONAL_TENSORS = ("input", "momentum", "compensation")
+OPTIONAL_TENSORS = ("input", "momentum", "variance", "compensation")
 PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "keep_fp32", "tied", "softmax_input", "softmax_error",
              "softmax_error_rows", "optimizer", "reasons", "summary", "source", "verify")
 # How the rounded softmax error is formed: "zero-sum" (the target's error is minus the sum of
@@ -101,9 +102,8 @@ class Plan:
             if tensor == "activation" and name == self.output_layer:
                 continue
             fmts[tensor] = resize(fmts[tensor], width)
-            if tensor == "weight" and isinstance(fmts["compensation"], FixedPoint):
-                # the same step, its range moved to the new weight LSB
-                fmts["compensation"] = compensation_format(fmts["weight"], fmts["compensation"].frac)
+            if tensor == "weight":
+                follow_weight(fmts)
         plan = replace(self, layers=layers)
         if tensor == "activation":
             plan = plan.with_softmax(input_width=width)
@@ -118,6 +118,13 @@ class Plan:
         if self.output_layer in layers:
             layers[self.output_layer].update(activation=softmax_input, error=softmax_error)
         return replace(self, layers=layers, softmax_input=softmax_input, softmax_error=softmax_error)
+
+
+def follow_weight(fmts: dict[str, Format]) -> None:
+    """After a layer's weight format changed: a fixed-point compensation keeps its step and
+    moves its range to the new weight LSB (``lpcli.optim.compensation_format``)."""
+    if isinstance(fmts["compensation"], FixedPoint):
+        fmts["compensation"] = compensation_format(fmts["weight"], fmts["compensation"].frac)
 
 
 def resize(fmt: Format, width: int) -> Format:

@@ -146,7 +146,7 @@ def plot_plan(plan: Plan, directory: str | Path, prefix: str = "plan") -> list[P
     output = plan.output_layer
     width = 0.8 / len(TENSORS)
     tallest = 8
-    colors = ("#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f", "#bcbd22")
+    colors = ("#8c564b", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f", "#17becf", "#bcbd22")
     for t, (tensor, color) in enumerate(zip(TENSORS, colors, strict=True)):
         bits, frac = [], []
         for name in names:

@@ -15,13 +15,19 @@ from .plan import TENSORS
 from .schema import Fields
 
 RECIPE_KEYS = ("model", "data", "training", "precision", "description")
-TRAINING_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "steps", "seed", "analyze_steps")
+TRAINING_KEYS = ("optimizer", "lr", "momentum", "betas", "eps", "weight_decay", "batch_size", "steps", "seed",
+                 "analyze_steps", "schedule", "warmup_steps", "min_lr", "step_every", "gamma")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # adam: L2 decay added to the gradient; adamw: decoupled decay
+SCHEDULES = ("constant", "step", "cosine")
 PRECISION_KEYS = TENSORS + ("softmax_input", "softmax_error", "layers", "kahan")
 DEFAULT_RECIPE = "digits-mlp"
 
 
 @dataclass(frozen=True)
 class Training:
+    """How the recipe trains. ``lr`` is the peak learning rate; the schedule scales it
+    (see :mod:`lpcli.schedule`). ``momentum`` is SGD's; Adam and AdamW use ``betas``."""
+
     lr: float
     momentum: float
     weight_decay: float
@@ -29,6 +35,14 @@ class Training:
     steps: int
     seed: int
     analyze_steps: int
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "constant"
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr, then the schedule
+    min_lr: float = 0.0  # cosine: the lr it decays to at the last step
+    step_every: int = 0  # step: the lr is multiplied by gamma every step_every steps after warmup
+    gamma: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -94,16 +108,7 @@ def load_recipe(recipe: str | Path | None = None) -> Recipe:
     for key in ("model", "data", "training"):
         if not top.has(key):
             top.fail("missing", field=key)
-    t = top.section("training", TRAINING_KEYS)
-    training = Training(
-        lr=t.number("lr", low=0.0, low_open=True),
-        momentum=t.number("momentum", 0.0, low=0.0, high=1.0, high_open=True),
-        weight_decay=t.number("weight_decay", 0.0, low=0.0),
-        batch_size=t.integer("batch_size", low=1),
-        steps=t.integer("steps", low=1),
-        seed=t.integer("seed", 0, low=0),
-        analyze_steps=t.integer("analyze_steps", 50, low=1),
-    )
+    training = _training(top.section("training", TRAINING_KEYS))
     description = top.value.get("description", "")
     if not isinstance(description, str):
         top.fail("must be a string", field="description")
@@ -117,6 +122,45 @@ def load_recipe(recipe: str | Path | None = None) -> Recipe:
         precision=_precision(top.section("precision", PRECISION_KEYS)),
         base_dir=path.parent,
     )
+
+
+def _training(t: Fields) -> Training:
+    optimizer = t.string("optimizer", "sgd", choices=OPTIMIZERS)
+    if optimizer != "sgd" and t.has("momentum"):
+        t.fail(f"applies to sgd; {optimizer} uses betas", field=t.sub("momentum"))
+    if optimizer == "sgd" and (t.has("betas") or t.has("eps")):
+        t.fail("apply to adam and adamw; sgd uses momentum", field=t.sub("betas" if t.has("betas") else "eps"))
+    betas = t.value.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        t.fail(f"must be two numbers in [0, 1), like [0.9, 0.999]; got {betas!r}", field=t.sub("betas"))
+    schedule = t.string("schedule", "constant", choices=SCHEDULES)
+    steps = t.integer("steps", low=1)
+    lr = t.number("lr", low=0.0, low_open=True)
+    if schedule != "step" and (t.has("step_every") or t.has("gamma")):
+        t.fail("apply to schedule: step", field=t.sub("step_every" if t.has("step_every") else "gamma"))
+    if schedule != "cosine" and t.has("min_lr"):
+        t.fail("applies to schedule: cosine", field=t.sub("min_lr"))
+    training = Training(
+        lr=lr,
+        momentum=t.number("momentum", 0.0, low=0.0, high=1.0, high_open=True),
+        weight_decay=t.number("weight_decay", 0.0, low=0.0),
+        batch_size=t.integer("batch_size", low=1),
+        steps=steps,
+        seed=t.integer("seed", 0, low=0),
+        analyze_steps=t.integer("analyze_steps", 50, low=1),
+        optimizer=optimizer,
+        betas=(float(betas[0]), float(betas[1])),
+        eps=t.number("eps", 1e-8, low=0.0, low_open=True),
+        schedule=schedule,
+        warmup_steps=t.integer("warmup_steps", 0, low=0, high=steps - 1),
+        min_lr=t.number("min_lr", 0.0, low=0.0, high=lr),
+        step_every=t.integer("step_every", 1, low=1) if schedule == "step" else 0,
+        gamma=t.number("gamma", 0.1, low=0.0, high=1.0, low_open=True),
+    )
+    if schedule == "step" and not t.has("step_every"):
+        t.fail("missing (schedule: step needs step_every)", field=t.sub("step_every"))
+    return training
 
 
 def _precision(p: Fields) -> Precision:

@@ -65,6 +65,7 @@ from .models import ROOT
 from .optim import compensation_format
 from .plan import TENSORS, Plan
 from .recipe import Precision
+from .stats import QUANTILES
 
 
 class RulesError(ValueError):
@@ -118,7 +119,7 @@ class Rules:
 FAMILIES = ("fixed", "float")
 # Roles whose small values matter one by one: an error, gradient or momentum entry rounded
 # to zero is a contribution no later step recovers, so at most ``underflow`` of them may flush.
-UNDERFLOW_ROLES = ("error", "weight_grad", "momentum")
+UNDERFLOW_ROLES = ("error", "weight_grad", "momentum", "variance")
 NOTHING_SEEN = {
     "input": "no floating-point input seen (integer ids, or the module is never called): nothing to round",
     "weight": "stores no parameters of its own (tied to another layer's): nothing to store",
@@ -126,6 +127,7 @@ NOTHING_SEEN = {
     "error": "no error seen (the output carries no gradient, or the module is never called): nothing to round",
     "weight_grad": "no weight gradient seen: nothing to round",
     "momentum": "no momentum buffer (momentum 0, or the stats' optimizer keeps none): nothing to store",
+    "variance": "no second moment (only Adam and AdamW keep one): nothing to store",
 }
 RANGES = ("absmax", "p999")
 
@@ -437,7 +439,7 @@ def fixed_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, 
             why += (f"; median |lr*g| {update['p50']:.2g} vs LSB/2 {fmt.step / 2:.2g}: "
                     + (f"~{lost:.0%} of updates below it, Kahan keeps them in the compensation"
                        if lost > 0 else "updates exceed LSB/2, Kahan kept on")
-                    + f" (plain SGD would need F>={plain}, {integer + plain} bits)")
+                    + f" (without Kahan: F>={plain}, {integer + plain} bits)")
         elif plain > frac:
             frac = plain
             why += f"; without Kahan, median |lr*g| {update['p50']:.2g} must reach LSB/2: F>={plain}"
@@ -478,6 +480,31 @@ def float_tensor_format(tensor: str, summary: dict[str, Any], update: dict[str, 
     return fmt2, why + note  # type: ignore[return-value]
 
 
+def late_lr_factor(stats: dict[str, Any]) -> float:
+    return (stats.get("training") or {}).get("late_lr_factor") or 1.0
+
+
+def late_updates(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The stats' layers with their update summaries as late in the schedule (see
+    :func:`scaled`): what the weight and compensation rules size against."""
+    late = late_lr_factor(stats)
+    return {name: {**layer, "update": scaled(layer["update"], late)} if late < 1 and layer.get("update") else layer
+            for name, layer in stats["layers"].items()}
+
+
+def scaled(summary: dict[str, Any], factor: float) -> dict[str, Any]:
+    """An update summary as it would be at ``factor`` times the lr (updates are proportional
+    to the lr under SGD and Adam alike). The binade histogram moves by
+    ``floor(log2 factor)`` binades, a power of two at most ``factor``: the smaller updates
+    it implies ask for more bits, never fewer."""
+    shift = math.floor(math.log2(factor))
+    out = {key: value * 2.0 ** shift if key in ("absmax", "rms", *QUANTILES) else value
+           for key, value in summary.items()}
+    if summary.get("log2_hist"):
+        out["log2_hist"] = {**summary["log2_hist"], "lowest": summary["log2_hist"]["lowest"] + shift}
+    return out
+
+
 def compensation_rule(weight: Format, update: dict[str, Any], rules: Rules) -> tuple[Format, str]:
     """Kahan's compensation for weights in ``weight``, from the update distribution.
 
@@ -490,7 +517,7 @@ def compensation_rule(weight: Format, update: dict[str, Any], rules: Rules) -> t
     lost to fp32 (``benchmarks/weight_widths.py``). Floats carry in their own format.
     """
     if not rules.kahan:
-        return Float32(), "plain SGD (no Kahan summation): no compensation is stored"
+        return Float32(), "plain low-precision storage (no Kahan summation): no compensation is stored"
     if not isinstance(weight, FixedPoint):
         return weight, (f"carried in the weights' own format {weight}, as torch-optimi's Kahan summation does (a "
                         f"float's step follows the value)")
@@ -539,11 +566,15 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
             raise InputError(source, f"precision.layers.{name}",
                              f"the model has no layer {name!r} (layers: {', '.join(stats['layers'])})")
     classes = stats["classes"]
+    late = late_lr_factor(stats)
     layers: dict[str, dict[str, Format]] = {}
     reasons: dict[str, Any] = {}
-    for name, layer in stats["layers"].items():
+    for name, layer in late_updates(stats).items():
         fixed = {**precision.defaults, **precision.layers.get(name, {})}
         layers[name], reasons[name] = recommend_layer(layer, rules, fixed)
+        if late < 1 and layer.get("update") and "compensation" not in fixed:
+            reasons[name]["compensation"] += (f"; updates as late in the schedule (90% of the steps: lr x{late:.3g}, "
+                                              f"taken as x2^{math.floor(math.log2(late))})")
 
     softmax_input, why_input, softmax_error, why_error = softmax_formats(classes, rules, rules.family)
     softmax_input, note = finish(softmax_input, rules)
@@ -599,33 +630,38 @@ def summarize(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
 
 def storage_bits(plan: Plan, stats: dict[str, Any]) -> dict[str, dict[str, float]] | None:
     """Bits stored per parameter, averaged over the parameters: this plan (weight +
-    compensation with Kahan + momentum buffer when training keeps one), the plain-SGD
-    plan (weights from the same rules without Kahan: wide enough that the median update
-    reaches half an LSB; no compensation) and uniform 16-bit."""
-    with_momentum = bool((stats.get("training") or {}).get("momentum"))
+    compensation with Kahan + the optimizer's state: SGD's momentum buffer when it keeps one,
+    Adam's two moments), the plan without Kahan (weights from the same rules, wide enough
+    that the median update reaches half an LSB; no compensation; the same state) and
+    uniform 16-bit."""
+    training = stats.get("training") or {}
+    adam = training.get("optimizer") in ("adam", "adamw")
+    with_momentum = adam or bool(training.get("momentum"))
     rules = Rules(kahan=False, family="float" if any(isinstance(f["weight"], FloatFormat)
                                                      for f in plan.layers.values()) else "fixed")
     rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
-    points = {"plan": {"weight": 0.0, "compensation": 0.0, "momentum": 0.0},
-              "plain_sgd": {"weight": 0.0, "compensation": 0.0, "momentum": 0.0},
-              "uniform_16bit": {"weight": 0.0, "compensation": 0.0, "momentum": 0.0}}
+    parts = ("weight", "compensation", "momentum", "variance")
+    points = {point: dict.fromkeys(parts, 0.0) for point in ("plan", "plain", "uniform_16bit")}
     count = 0
+    layers = late_updates(stats)
     for name, fmts in plan.layers.items():
-        layer = stats["layers"].get(name, {})
+        layer = layers.get(name, {})
         params = layer.get("parameters", 0)
         if not params:
             continue
         count += params
-        momentum = fmts["momentum"].width if with_momentum else 0
+        state = {"momentum": fmts["momentum"].width if with_momentum else 0,
+                 "variance": fmts["variance"].width if adam else 0}
         plain = rule("weight", layer["weight"], layer.get("update") or {"p50": 0.0}, rules)[0] \
             if layer.get("weight") else fmts["weight"]
-        for point, weight, compensation, mom in (
-                ("plan", fmts["weight"].width, fmts["compensation"].width if plan.kahan else 0, momentum),
-                ("plain_sgd", max(plain.width, fmts["weight"].width), 0, momentum),
-                ("uniform_16bit", 16, 0, 16 if with_momentum else 0)):
-            points[point]["weight"] += weight * params
-            points[point]["compensation"] += compensation * params
-            points[point]["momentum"] += mom * params
+        sizes = {"plan": {"weight": fmts["weight"].width,
+                          "compensation": fmts["compensation"].width if plan.kahan else 0, **state},
+                 "plain": {"weight": max(plain.width, fmts["weight"].width), "compensation": 0, **state},
+                 "uniform_16bit": {"weight": 16, "compensation": 0,
+                                   **{k: 16 if v else 0 for k, v in state.items()}}}
+        for point, widths in sizes.items():
+            for part, bits in widths.items():
+                points[point][part] += bits * params
     if not count:
         return None
     return {point: {**{k: v / count for k, v in parts.items()}, "total": sum(parts.values()) / count}

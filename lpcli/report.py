@@ -8,6 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .formats import Float32
 from .plan import TENSORS, Plan
 from .results import CheckReport
 
@@ -78,21 +79,25 @@ def render_stats(doc: dict[str, Any], console: Console) -> None:
 
 
 ROLE_HEADERS = {"input": "input", "weight": "weight", "activation": "output", "error": "error",
-                "weight_grad": "w.grad", "momentum": "mom.", "compensation": "comp."}
+                "weight_grad": "w.grad", "momentum": "mom.", "variance": "var.", "compensation": "comp."}
 
 
 def render_plan(plan: Plan, console: Console, full: bool = False) -> None:
     table = Table(title="Plan (per layer: the format of each tensor role)", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("layer", no_wrap=True)
-    for tensor in TENSORS:
+    # A role float32 in every layer (no momentum, no second moment) is named once, not a column.
+    roles = [t for t in TENSORS if any(not isinstance(f[t], Float32) for f in plan.layers.values())]
+    for tensor in roles:
         table.add_column(ROLE_HEADERS[tensor], no_wrap=True)
     names, hidden = _shown(list(plan.layers), full)
     for name in names:
         fmts = plan.layers[name]
         label = short_name(name, 18) + (" *" if name == plan.output_layer else "")
-        table.add_row(label, *(str(fmts[t]) for t in TENSORS))
-    table.caption = "*: the logits (output and error are the softmax's)"
+        table.add_row(label, *(str(fmts[t]) for t in roles))
+    everywhere = [t for t in TENSORS if t not in roles]
+    table.caption = "*: the logits (output and error are the softmax's)" + (
+        f"; fp32 in every layer: {', '.join(everywhere)}" if everywhere else "")
     table.caption_justify = "left"
     console.print(table)
     _hidden_note(console, hidden, "in model order")
@@ -139,10 +144,10 @@ def _render_summary(plan: Plan, console: Console) -> None:
     storage = summary.get("storage_bits_per_parameter")
     if storage:
         def parts(point: dict[str, float]) -> str:
-            named = [f"{point[k]:.1f} {k}" for k in ("weight", "compensation", "momentum") if point[k]]
+            named = [f"{point[k]:.1f} {k}" for k in ("weight", "compensation", "momentum", "variance") if point[k]]
             return f"{point['total']:.1f} ({' + '.join(named)})" if len(named) > 1 else f"{point['total']:.1f}"
-        console.print(f"storage bits per parameter: this plan {parts(storage['plan'])}; plain SGD (weights wide "
-                      f"enough without Kahan) {parts(storage['plain_sgd'])}; uniform 16-bit "
+        console.print(f"storage bits per parameter: this plan {parts(storage['plan'])}; without Kahan (weights "
+                      f"wide enough for the median update) {parts(storage['plain'])}; uniform 16-bit "
                       f"{parts(storage['uniform_16bit'])}", highlight=False)
 
 
@@ -157,8 +162,10 @@ def _where(report: CheckReport) -> str:
 
 def render_check(report: CheckReport, console: Console, full: bool = False) -> None:
     t, data = report.training, report.data
-    console.print(f"[bold]{report.recipe}[/]\n{data.name} ({data.classes} classes), {t.steps} steps, lr {t.lr:g}, "
-                  f"batch {t.batch_size}, seed {t.seed}{_where(report)}", highlight=False)
+    schedule = "" if t.schedule == "constant" and not t.warmup_steps else (
+        f" ({t.schedule}" + (f", warmup {t.warmup_steps}" if t.warmup_steps else "") + ")")
+    console.print(f"[bold]{report.recipe}[/]\n{data.name} ({data.classes} classes), {t.optimizer}, {t.steps} steps, "
+                  f"lr {t.lr:g}{schedule}, batch {t.batch_size}, seed {t.seed}{_where(report)}", highlight=False)
     for note in data.notes:
         console.print(f"data: {note}", highlight=False)
     _render_runs(report, console)

@@ -11,7 +11,6 @@ from .plan import Plan
 from .recipe import Training
 
 LOSS_EVERY = 25  # the loss curve keeps every 25th step's batch loss (and the last)
-REPORTED_TRAINING = ("lr", "momentum", "weight_decay", "batch_size", "steps", "seed")
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,19 @@ class DataSummary:
                 "notes": list(self.notes), "imbalanced": self.imbalanced}
 
 
+def training_document(t: Training) -> dict[str, Any]:
+    """The settings a check trained with: the update rule's and the schedule's own."""
+    doc: dict[str, Any] = {"optimizer": t.optimizer, "lr": t.lr}
+    doc.update({"momentum": t.momentum} if t.optimizer == "sgd" else {"betas": list(t.betas), "eps": t.eps})
+    doc.update({"weight_decay": t.weight_decay, "batch_size": t.batch_size, "steps": t.steps, "seed": t.seed,
+                "schedule": t.schedule, "warmup_steps": t.warmup_steps})
+    if t.schedule == "cosine":
+        doc["min_lr"] = t.min_lr
+    if t.schedule == "step":
+        doc.update(step_every=t.step_every, gamma=t.gamma)
+    return doc
+
+
 @dataclass(frozen=True)
 class Verdict:
     passed: bool
@@ -124,7 +136,7 @@ class CheckReport:
         return {
             "recipe": self.recipe,
             "data": self.data.document(),
-            "training": {key: getattr(self.training, key) for key in REPORTED_TRAINING},
+            "training": training_document(self.training),
             "device": self.device,
             "plan": self.plan.document(),
             "runs": {name: run.document() for name, run in self.runs.items()},

@@ -24,15 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import optim
 from .errors import InputError
 from .files import read_document
 from .formats import Float32, quantize
 from .models import module_name, ownership, trainable_parameters
-from .optim import KahanSGD
 from .plan import TENSORS, Plan, plan_from_document
 from .simulate import NOT_SIMULATED, Simulator, shares
 
 KEEP_FP32 = "keep_fp32"  # the optimizer group of the parameters the plan keeps in float32
+RULES = {"sgd": "KahanSGD", "adam": "KahanAdam", "adamw": "KahanAdamW"}  # the optimizers in lpcli.optim
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -115,7 +116,7 @@ class Simulation:
         self.rounding, self.generator = rounding, generator
         self.groups = resolve(plan, model, source)
         self.simulator: Simulator | None = None
-        self._optimizer: KahanSGD | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
         self._fastpath: bool | None = None
 
     def __enter__(self) -> Simulation:
@@ -162,27 +163,32 @@ class Simulation:
         shifted = logits - logits.amax(dim=1, keepdim=True)
         return quantize(shifted, self.plan.softmax_input, self.rounding, self.generator)
 
-    def optimizer(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, *, mode: str | None = None,
-                  seed: int | None = None, **kwargs: Any) -> KahanSGD:
-        """:class:`lpcli.KahanSGD` over the plan's groups: each layer's parameters in its
-        weight format with its momentum and compensation formats (the plan's
-        ``optimizer.comp_format`` instead, when it sets one), and the
-        ``keep_fp32`` parameters in float32. ``mode`` defaults to the plan's (``kahan`` or
-        ``plain``); other keyword arguments go to :class:`~lpcli.KahanSGD`."""
+    def optimizer(self, lr: float, *, rule: str = "sgd", mode: str | None = None, seed: int | None = None,
+                  **kwargs: Any) -> torch.optim.Optimizer:
+        """The plan's low-precision optimizer over its groups: each layer's parameters in its
+        weight format, with its compensation format (the plan's ``optimizer.comp_format``
+        instead, when it sets one) and its state formats, and the ``keep_fp32`` parameters
+        in float32. ``rule``: ``"sgd"`` (:class:`lpcli.KahanSGD`; the plan's ``momentum``
+        holds its buffer), ``"adam"`` or ``"adamw"`` (:class:`lpcli.KahanAdam`,
+        :class:`lpcli.KahanAdamW`; ``momentum`` and ``variance`` hold the two moments).
+        ``mode`` defaults to the plan's (``kahan`` or ``plain``); other keyword arguments
+        (``momentum``, ``betas``, ``weight_decay``, ...) go to the optimizer."""
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
         groups: list[dict[str, Any]] = []
         for name, params in self.groups.layers.items():
             if params:
                 fmts = self.plan.layers[name]
-                groups.append({"params": [p for _, p in params], "weight_format": fmts["weight"],
-                               "momentum_format": fmts["momentum"], "name": name,
-                               "comp_format": self.plan.comp_format or fmts["compensation"]})
+                state = ({"momentum_format": fmts["momentum"]} if rule == "sgd" else
+                         {"moment_formats": (fmts["momentum"], fmts["variance"])})
+                groups.append({"params": [p for _, p in params], "weight_format": fmts["weight"], "name": name,
+                               "comp_format": self.plan.comp_format or fmts["compensation"], **state})
         if self.groups.keep_fp32:
             groups.append({"params": [p for _, p in self.groups.keep_fp32], "weight_format": Float32(),
                            "name": KEEP_FP32})
         if mode is None:
             mode = "kahan" if self.plan.kahan else "plain"
-        self._optimizer = KahanSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, mode=mode, seed=seed,
-                                   **kwargs)
+        self._optimizer = getattr(optim, RULES[rule])(groups, lr=lr, mode=mode, seed=seed, **kwargs)
         return self._optimizer
 
     @torch.no_grad()
@@ -280,8 +286,10 @@ class Simulation:
         if self.groups.layers.get(layer):
             held.update(("weight", "weight_grad"))
             opt = self._optimizer
-            if opt is not None and any(g["momentum"] for g in opt.param_groups):
+            if opt is not None and any(g.get("momentum") or "betas" in g for g in opt.param_groups):
                 held.add("momentum")
+            if opt is not None and any("betas" in g for g in opt.param_groups):
+                held.add("variance")
             if opt is not None and any(g["mode"] == "kahan" for g in opt.param_groups):
                 held.add("compensation")
         return held

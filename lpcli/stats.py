@@ -7,7 +7,8 @@ The stats schema is public, so a stats file made by a user's own loop (see
     lpcli: {kind: stats, version: 1}
     classes: 10                    # class count at the softmax
     output_layer: "2"              # the layer whose output is the logits (or null)
-    training: {lr: 0.05, momentum: 0.0, batch_size: 32, steps: 50}
+    training: {lr: 0.05, momentum: 0.0, batch_size: 32, steps: 50, optimizer: sgd,
+               late_lr_factor: 1.0}     # the lr at 90% of the schedule over the lr the updates saw
     layers:
       "0":
         module: Linear
@@ -20,7 +21,8 @@ The stats schema is public, so a stats file made by a user's own loop (see
         activation: {...}          # the layer's output (every floating tensor of a tuple)
         error: {...}               # gradient of the loss w.r.t. that output
         weight_grad: {...}
-        momentum: {...}            # the optimizer's momentum buffer, when it has one
+        momentum: {...}            # the optimizer's momentum buffer or first moment, when it has one
+        variance: {...}            # Adam's second moment
         update: {...}              # |w_after - w_before|: the change the optimizer actually made
     tied: {"b.weight": "a.weight"} # aliases of parameters stored under another name
 
@@ -62,6 +64,7 @@ from .models import (
 from .plan import OPTIONAL_TENSORS, TENSORS
 from .recipe import Recipe, load_recipe
 from .schema import Fields
+from .training import late_factor, torch_optimizer
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
 TENSOR_KINDS = (*TENSORS, "update")
@@ -123,6 +126,15 @@ class TensorSummary:
         return out
 
 
+# Where optimizers keep the state a plan stores: torch's SGD, Adam, AdamW and lpcli's twins.
+STATE_KEYS = {"momentum": ("momentum_buffer", "exp_avg"), "variance": ("exp_avg_sq",)}
+
+
+def _state_tensor(optimizer: torch.optim.Optimizer, p: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor | None:
+    state = optimizer.state.get(p, {})
+    return next((state[k] for k in keys if isinstance(state.get(k), torch.Tensor)), None)
+
+
 class StatsCollector:
     """Collect layer statistics from any training loop, under any optimizer::
 
@@ -142,6 +154,10 @@ class StatsCollector:
         self.model = model
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.optimizer = optimizer
+        self.rule_name = type(optimizer).__name__.lower() if optimizer is not None else None
+        # The lr late in the schedule over the lr these updates were recorded at (1: the
+        # updates already cover the schedule, as in a user's own loop).
+        self.late_lr_factor = 1.0
         modules = parameter_layers(model)
         names = list(modules) if layers is None else layers
         self.layers = {name: modules[name] for name in names}
@@ -227,11 +243,11 @@ class StatsCollector:
             updates = [(p - self.previous[id(p)]).flatten() for p in params if id(p) in self.previous]
             if updates:
                 summary["update"].add(torch.cat(updates))
-            buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params] \
-                if self.optimizer is not None else []
-            buffers = [b.flatten() for b in buffers if isinstance(b, torch.Tensor)]
-            if buffers:
-                summary["momentum"].add(torch.cat(buffers))
+            for kind, keys in STATE_KEYS.items():
+                buffers = [_state_tensor(self.optimizer, p, keys) for p in params] if self.optimizer else []
+                buffers = [b.flatten() for b in buffers if b is not None]
+                if buffers:
+                    summary[kind].add(torch.cat(buffers))
             for p in params:
                 if id(p) in self.previous:
                     self.previous[id(p)].copy_(p)
@@ -264,7 +280,8 @@ class StatsCollector:
             "classes": classes,
             "output_layer": output_layer if output_layer is not None else self.output_layer,
             "training": {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                         "batch_size": self.batch_size, "steps": self.steps},
+                         "batch_size": self.batch_size, "steps": self.steps,
+                         "optimizer": self.rule_name, "late_lr_factor": self.late_lr_factor},
             "layers": layers,
             "tied": dict(self.tied),
         }
@@ -299,10 +316,11 @@ def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | 
     seed, data, model = prepare_run(recipe, seed, data, device)
     if not parameter_layers(model):
         raise InputError(recipe.source, "model", "has no trainable parameter to analyze")
-    optimizer = torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum,
-                                weight_decay=training.weight_decay)
+    optimizer = torch_optimizer(model.parameters(), training)  # at the peak lr: see lpcli.recommend
     collector = StatsCollector(model, training.lr, training.momentum, training.weight_decay, seed=seed,
                                optimizer=optimizer)
+    collector.rule_name = training.optimizer
+    collector.late_lr_factor = late_factor(training, training.steps)
     model.train()
     for step, index in enumerate(batch_indices(len(data.y_train), training.batch_size, steps, seed)):
         index = index.to(device)  # drawn on the CPU: the same batches on every device
@@ -362,8 +380,11 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
     top.integer("classes", low=2)
     if doc.get("output_layer") is not None and not isinstance(doc["output_layer"], str):
         top.fail("must be a layer name (string) or null", field="output_layer")
-    training = top.section("training", ("lr", "momentum", "weight_decay", "batch_size", "steps"), required=True)
+    training = top.section("training", ("lr", "momentum", "weight_decay", "batch_size", "steps", "optimizer",
+                                         "late_lr_factor"), required=True)
     training.number("lr", low=0.0, low_open=True)
+    if training.has("late_lr_factor"):
+        training.number("late_lr_factor", low=0.0, high=1.0, low_open=True)
     layers = top.section("layers", required=True)
     if not layers.value:
         layers.fail("has no layers")

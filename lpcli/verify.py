@@ -37,7 +37,7 @@ from typing import Any
 from .check import train_check
 from .data import Dataset, load_data
 from .formats import FixedPoint, FloatFormat, Format
-from .plan import Plan
+from .plan import Plan, follow_weight
 from .recipe import Recipe
 from .recommend import add_resolution, summarize
 from .results import CheckReport
@@ -142,6 +142,8 @@ def widen(plan: Plan, widenings: list[Widening], max_bits: int = 24) -> tuple[Pl
             softmax[w.tensor] = new
         else:
             layers[w.layer][w.tensor] = new
+            if w.tensor == "weight":
+                follow_weight(layers[w.layer])
         changes.append({"layer": w.layer, "tensor": w.tensor, "from": str(old), "to": str(new), "why": w.why})
     if plan.output_layer in layers:
         layers[plan.output_layer].update(activation=softmax["input"], error=softmax["error"])

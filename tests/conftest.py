@@ -45,3 +45,19 @@ def small_recipe(tmp_path: Path):
         path.write_text(yaml.safe_dump(recipe))
         return path
     return make
+
+
+def assert_same_run(a, b):
+    """Two optimizer runs ``(params, optimizer)`` ended in the same bits: weights, every
+    state tensor and the diagnostics."""
+    import torch
+
+    pa, oa = a
+    pb, ob = b
+    assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pa, pb, strict=True))
+    for x, y in zip(pa, pb, strict=True):
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
+    assert oa.diagnostics() == ob.diagnostics()

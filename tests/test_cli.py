@@ -62,6 +62,18 @@ def test_five_bit_weights_pass_with_the_sized_compensation():
         assert weight.width == 5 and comp.max_value < weight.step <= -comp.min_value
 
 
+def test_adamw_with_warmup_and_cosine_passes_train_check():
+    """digits-adamw: torch's AdamW for fp32, KahanAdamW with the plan's moment and compensation
+    formats for the low-precision runs, the same warmup and cosine schedule for all."""
+    result = run_cli("train-check", "digits-adamw", "--json")
+    report = result.json()
+    assert result.exit_code == 0, report["verdict"]
+    assert report["training"]["lr"] == 0.003
+    for layer in report["plan"]["layers"].values():
+        assert layer["momentum"] != "fp32" and layer["variance"] != "fp32"
+    assert report["runs"]["plain"]["test_accuracy"] < report["runs"]["kahan"]["test_accuracy"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_narrowest_weights_against_fp32_over_seeds(seed):

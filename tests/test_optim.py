@@ -14,6 +14,8 @@ from lpcli.optim import KahanSGD, compensation_format
 from lpcli.recommend import Rules, compensation_rule
 from lpcli.stats import TensorSummary
 
+from conftest import assert_same_run
+
 
 def q_fixed(v: np.ndarray, fmt: FixedPoint) -> np.ndarray:
     """Nearest-even fixed point in float64 (np.round rounds half to even); one zero, +0."""
@@ -202,23 +204,14 @@ def _run(fmt, mode, steps=30, foreach=True, momentum_format=None, split=None, **
     return params, opt
 
 
-def _same(a, b):
-    pa, oa = a
-    pb, ob = b
-    assert all(torch.equal(x.detach(), y.detach()) for x, y in zip(pa, pb, strict=True))
-    for x, y in zip(pa, pb, strict=True):
-        sa, sb = oa.state[x], ob.state[y]
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
-    assert oa.diagnostics() == ob.diagnostics()
 
 
 @pytest.mark.parametrize("mode", ["kahan", "plain", "stochastic"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_foreach_and_per_tensor_paths_are_bit_identical(fmt, mode):
     mf = {"fx10.6": "fx12.8", "bf16": "bf16", "dfx8": "dfx10"}.get(fmt)
-    _same(_run(fmt, mode, foreach=True, momentum_format=mf), _run(fmt, mode, foreach=False, momentum_format=mf))
+    assert_same_run(_run(fmt, mode, foreach=True, momentum_format=mf),
+                    _run(fmt, mode, foreach=False, momentum_format=mf))
 
 
 NATIVE_FORMATS = ["fx10.6", "fx24.20", "bf16", "fp16", "fp8-e4m3", "e5m22", "e8m3", "fp32"]
@@ -230,7 +223,7 @@ NATIVE_FORMATS = ["fx10.6", "fx24.20", "bf16", "fp16", "fp8-e4m3", "e5m22", "e8m
 def test_c_step_and_per_tensor_step_are_bit_identical(fmt, mode, momentum_format):
     if formats._kernels is None:
         pytest.skip("the C kernels are not built")
-    _same(_run(fmt, mode, foreach=None, momentum_format=momentum_format),
+    assert_same_run(_run(fmt, mode, foreach=None, momentum_format=momentum_format),
           _run(fmt, mode, foreach=False, momentum_format=momentum_format))
 
 
@@ -240,7 +233,7 @@ def test_c_step_and_per_tensor_step_are_bit_identical(fmt, mode, momentum_format
 def test_c_step_covers_each_option(options):
     if formats._kernels is None:
         pytest.skip("the C kernels are not built")
-    _same(_run("fx10.6", "kahan", foreach=None, **options), _run("fx10.6", "kahan", foreach=False, **options))
+    assert_same_run(_run("fx10.6", "kahan", foreach=None, **options), _run("fx10.6", "kahan", foreach=False, **options))
 
 
 def test_c_step_in_pieces_on_several_threads(monkeypatch):
@@ -254,14 +247,14 @@ def test_c_step_in_pieces_on_several_threads(monkeypatch):
         pieces = _run("bf16", "kahan", foreach=None, momentum_format="bf16")
     finally:
         torch.set_num_threads(threads)
-    _same(whole, pieces)
+    assert_same_run(whole, pieces)
 
 
 @pytest.mark.parametrize("mode", ["kahan", "stochastic"])
 @pytest.mark.parametrize("fmt", ["fx10.6", "bf16"])
 def test_resume_from_state_dict_is_bit_identical(fmt, mode):
     mf = "fx12.8" if fmt == "fx10.6" else "bf16"
-    _same(_run(fmt, mode, momentum_format=mf), _run(fmt, mode, momentum_format=mf, split=13))
+    assert_same_run(_run(fmt, mode, momentum_format=mf), _run(fmt, mode, momentum_format=mf, split=13))
 
 
 def test_stochastic_rounding_keeps_small_updates_in_expectation_and_is_seeded():
@@ -299,8 +292,8 @@ def test_diagnostics_can_be_turned_off_and_report_last_step():
 @pytest.mark.parametrize("fmt,mf", [("fx10.6", "fx12.8"), ("bf16", "bf16")])
 def test_compiled_step_matches_eager(fmt, mf):
     pytest.importorskip("torch._inductor")
-    _same(_run(fmt, "kahan", momentum_format=mf), _run(fmt, "kahan", momentum_format=mf, compile=True))
-    _same(_run(fmt, "plain", momentum_format=mf), _run(fmt, "plain", momentum_format=mf, compile=True))
+    assert_same_run(_run(fmt, "kahan", momentum_format=mf), _run(fmt, "kahan", momentum_format=mf, compile=True))
+    assert_same_run(_run(fmt, "plain", momentum_format=mf), _run(fmt, "plain", momentum_format=mf, compile=True))
 
 
 def test_compensation_sized_from_the_updates_keeps_what_the_weight_width_drops():

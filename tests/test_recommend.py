@@ -276,7 +276,7 @@ def test_storage_counts_the_compensation_and_compares_plain_sgd(mlp_stats):
     assert storage["plan"]["weight"] == pytest.approx(average(plan, "weight"))
     assert storage["plan"]["compensation"] == pytest.approx(average(plan, "compensation"))
     assert storage["plan"]["total"] == pytest.approx(average(plan, "weight") + average(plan, "compensation"))
-    assert storage["plain_sgd"]["total"] == pytest.approx(average(plain, "weight"))
-    assert storage["plain_sgd"]["compensation"] == 0 and storage["uniform_16bit"]["total"] == 16
+    assert storage["plain"]["total"] == pytest.approx(average(plain, "weight"))
+    assert storage["plain"]["compensation"] == 0 and storage["uniform_16bit"]["total"] == 16
     assert plain.summary["storage_bits_per_parameter"]["plan"]["compensation"] == 0
     assert all(isinstance(f["compensation"], Float32) for f in plain.layers.values())

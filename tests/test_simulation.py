@@ -209,3 +209,24 @@ def test_the_plans_momentum_format_stores_the_buffer():
                 expected[i] = quantize(quantize(m * 0.9, "fx6.4").double() + g, "fx6.4").double()
         for p, m in zip(model.parameters(), expected, strict=True):
             assert torch.equal(optimizer.state[p]["momentum_buffer"].double(), m)
+
+
+def test_stats_from_a_user_adamw_loop_give_the_recipes_weight_widths():
+    """digits-adamw: the user's own loop (torch's AdamW at the peak lr, StatsCollector
+    attached) and the recipe route (lpcli analyze) recommend the same weight formats."""
+    recipe = load_recipe("digits-adamw")
+    routed = recommend(analyze(recipe, steps=30))
+    data = load_data(recipe.data, recipe.source)
+    torch.manual_seed(recipe.training.seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.003, betas=(0.9, 0.999), weight_decay=0.01)
+    collector = StatsCollector(model, lr=0.003, optimizer=optimizer)
+    for index in batch_indices(len(data.y_train), 32, 30, recipe.training.seed):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(data.x_train[index]), data.y_train[index]).backward()
+        collector.step()
+        optimizer.step()
+    mine = recommend(collector.document(classes=10))
+    assert {n: str(f["weight"]) for n, f in mine.layers.items()} == \
+        {n: str(f["weight"]) for n, f in routed.layers.items()}
+    assert all(not isinstance(f["variance"], type(parse_format("fp32"))) for f in mine.layers.values())

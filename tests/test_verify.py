@@ -156,3 +156,12 @@ def test_weights_at_the_range_limit_are_counted_and_blamed_on_the_range():
     report = kahan_report(plan, diagnostics={"0": {"weight_saturated": {"kahan": 0.5}, "lost_mass": {"kahan": 0.9}}})
     widenings = [w for w in blame(report, plan) if w.tensor == "weight"]
     assert [(w.layer, w.kind, w.bits) for w in widenings] == [("0", "range", 2)]
+
+
+def test_widening_a_weight_moves_its_compensation_range_and_keeps_its_step():
+    plan = recommend(_tiny_stats())
+    before = plan.layers["0"]["compensation"]
+    widened, _ = widen(plan, [Widening("0", "weight", "resolution", 2, "test")])
+    weight, comp = widened.layers["0"]["weight"], widened.layers["0"]["compensation"]
+    assert weight.frac == plan.layers["0"]["weight"].frac + 2 and comp.frac == before.frac
+    assert comp.max_value < weight.step <= -comp.min_value and comp.width == before.width - 2
