@@ -61,3 +61,28 @@ def assert_same_run(a, b):
         for key in sa:
             assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
     assert oa.diagnostics() == ob.diagnostics()
+
+
+def run_optimizer(make, shapes, steps=30, split=None, skip=()):
+    """Seeded parameters of ``shapes`` and gradients, ``steps`` steps of ``make(params)``;
+    at step ``split`` the state is saved, loaded into a fresh optimizer over fresh copies of
+    the parameters, and training goes on (a resume); tensor 1 gets no gradient at the steps
+    in ``skip``. Returns (params, optimizer) for :func:`assert_same_run`."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.4) for s in shapes]
+    grads = [[torch.randn(s) * 0.05 for s in shapes] for _ in range(steps)]
+    opt = make(params)
+    for i, gs in enumerate(grads):
+        if split is not None and i == split:
+            saved = copy.deepcopy(opt.state_dict())
+            params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            opt = make(params)
+            opt.load_state_dict(saved)
+        for j, (p, g) in enumerate(zip(params, gs, strict=True)):
+            p.grad = None if j == 1 and i in skip else g.clone()
+        opt.step()
+    return params, opt

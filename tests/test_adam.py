@@ -4,8 +4,6 @@ algorithm and rounding (lpcli/optim.py)."""
 
 from __future__ import annotations
 
-import copy
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from lpcli import KahanAdam, KahanAdamW
 from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format
 from lpcli.optim import compensation_format
 
-from conftest import assert_same_run
+from conftest import assert_same_run, run_optimizer
 
 # --- fp32: as close to exact AdamW as torch's own ------------------------------------------
 
@@ -264,23 +262,9 @@ SHAPES = [(40, 130), (7,), (3, 50, 31), (1,)]
 def _run(cls, fmt, mode, mfs=None, steps=30, foreach=True, split=None, skip=(), **kwargs):
     """Several tensors with decay; tensor 1 gets no gradient at the steps in ``skip`` (its step
     count falls behind the others'). Returns params, optimizer."""
-    torch.manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.4) for s in SHAPES]
-    grads = [[torch.randn(s) * 0.05 for s in SHAPES] for _ in range(steps)]
     options = dict(lr=2e-3, weight_decay=0.01, weight_format=fmt, moment_formats=mfs, mode=mode, seed=5,
                    foreach=foreach) | kwargs
-    make = lambda ps: cls(ps, **options)  # noqa: E731
-    opt = make(params)
-    for i, gs in enumerate(grads):
-        if split is not None and i == split:
-            saved = copy.deepcopy(opt.state_dict())
-            params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-            opt = make(params)
-            opt.load_state_dict(saved)
-        for j, (p, g) in enumerate(zip(params, gs, strict=True)):
-            p.grad = None if j == 1 and i in skip else g.clone()
-        opt.step()
-    return params, opt
+    return run_optimizer(lambda ps: cls(ps, **options), SHAPES, steps, split, skip)
 
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from lpcli.optim import KahanSGD, compensation_format
 from lpcli.recommend import Rules, compensation_rule
 from lpcli.stats import TensorSummary
 
-from conftest import assert_same_run
+from conftest import assert_same_run, run_optimizer
 
 
 def q_fixed(v: np.ndarray, fmt: FixedPoint) -> np.ndarray:
@@ -185,23 +183,9 @@ SHAPES = [(40, 130), (7,), (3, 50, 31), (1,)]  # two take the compiled step
 
 def _run(fmt, mode, steps=30, foreach=True, momentum_format=None, split=None, **kwargs):
     """Several tensors, momentum + Nesterov + decay; returns params, optimizer."""
-    torch.manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.4) for s in SHAPES]
-    grads = [[torch.randn(s) * 0.05 for s in SHAPES] for _ in range(steps)]
     options = dict(lr=0.01, momentum=0.9, weight_decay=1e-3, nesterov=True, weight_format=fmt, mode=mode,
                    momentum_format=momentum_format, seed=5, foreach=foreach) | kwargs
-    make = lambda ps: KahanSGD(ps, **options)  # noqa: E731
-    opt = make(params)
-    for i, gs in enumerate(grads):
-        if split is not None and i == split:
-            saved = copy.deepcopy(opt.state_dict())
-            params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-            opt = make(params)
-            opt.load_state_dict(saved)
-        for p, g in zip(params, gs, strict=True):
-            p.grad = g.clone()
-        opt.step()
-    return params, opt
+    return run_optimizer(lambda ps: KahanSGD(ps, **options), SHAPES, steps, split)
 
 
 
