@@ -220,7 +220,8 @@ class Simulation:
         if self._optimizer is not None:
             for group in self._optimizer.diagnostics():
                 if group["name"] in layers:
-                    layers[group["name"]].update(lost_updates=group["lost_updates"], lost_mass=group["lost_mass"])
+                    layers[group["name"]].update(lost_updates=group["lost_updates"], lost_mass=group["lost_mass"],
+                                                 weight_flushed=group["weights_flushed_at_start"])
         for name, share in self.weights_at_limit().items():
             layers[name]["weight_saturated"] = share
         for name, tensors in counts["layers"].items():

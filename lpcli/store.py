@@ -125,9 +125,12 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         with torch.no_grad():
+            group["flushed_at_start"] = 0  # non-zero weights the format rounded to zero
             for p in group["params"]:
                 self.initial_saturated += int(saturated(p, group["weight_format"]).sum())
+                nonzero = int(torch.count_nonzero(p))
                 p.copy_(quantize(p, group["weight_format"]))
+                group["flushed_at_start"] += nonzero - int(torch.count_nonzero(p))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -214,6 +217,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 "lost_updates": lost / moved if on and moved else None,
                 "lost_updates_step": step_lost / step_moved if on and step_moved else None,
                 "lost_mass": math.sqrt(residual / intended) if on and intended else None,
+                "weights_flushed_at_start": group.get("flushed_at_start", 0) / elements if (
+                    elements := sum(p.numel() for p in group["params"])) else None,
             })
         return report
 

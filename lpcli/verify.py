@@ -4,6 +4,9 @@ outside the tolerance, widen what the diagnostics blame and try again (a bounded
 Each round reads the Kahan run's diagnostics (:func:`lpcli.check.train_check`) and picks
 the formats to widen, each with its reason:
 
+* a layer whose weights mostly **round to zero at the start** (more than
+  ``WEIGHTS_FLUSHED``: such a layer is dead, its updates are all zero, so nothing counts
+  as lost): its weight format gains ``step`` fraction bits;
 * a layer whose **lost update mass** exceeds ``LOST_MASS`` (the updates never reached the
   weights, even through the compensation): its weight format gains ``step`` fraction
   (mantissa) bits;
@@ -48,6 +51,7 @@ ACTIVATION_UNDERFLOW = 0.2
 SATURATION = 0.005
 LOGITS_SATURATED = 0.75
 FLUSHED = 0.95
+WEIGHTS_FLUSHED = 0.5
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,11 @@ def blame(report: CheckReport, plan: Plan, step: int = 2) -> list[Widening]:
     for layer, d in report.diagnostics.items():
         def value(key: str, d: dict[str, Any] = d) -> float:
             return d.get(key, {}).get("kahan") or 0.0
-        clipped = value("weight_saturated")
-        if clipped > SATURATION:  # weights grew past the range: their updates were clipped, not swamped
+        clipped, flushed = value("weight_saturated"), value("weight_flushed")
+        if flushed > WEIGHTS_FLUSHED:  # a layer whose weights start at zero learns nothing and loses nothing
+            out.append(Widening(layer, "weight", "resolution", step,
+                                f"{flushed:.0%} of the initial weights round to zero (> {WEIGHTS_FLUSHED:.0%})"))
+        elif clipped > SATURATION:  # weights grew past the range: their updates were clipped, not swamped
             out.append(Widening(layer, "weight", "range", _range_step(clipped),
                                 f"{clipped:.2%} of weights at the range limit (> {SATURATION:.1%})"))
         elif value("lost_mass") > LOST_MASS:

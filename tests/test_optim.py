@@ -324,3 +324,11 @@ def test_compensation_step_drops_at_most_the_stated_share_of_updates(share):
     below = float((updates < comp.step / 2).float().mean())
     coarser = float((updates < comp.step).float().mean())  # one fraction bit fewer
     assert below <= share < coarser
+
+
+def test_weights_that_round_to_zero_at_the_start_are_counted():
+    torch.manual_seed(0)
+    w = torch.randn(1000) * 0.1
+    expected = float(((w != 0) & (w.abs() < 0.125)).float().mean())  # fx4.2: step 1/4, half a step 1/8
+    opt = KahanSGD([torch.nn.Parameter(w.clone())], lr=0.1, weight_format="fx4.2")
+    assert opt.diagnostics()[0]["weights_flushed_at_start"] == pytest.approx(expected) and expected > 0.7

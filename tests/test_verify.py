@@ -165,3 +165,11 @@ def test_widening_a_weight_moves_its_compensation_range_and_keeps_its_step():
     weight, comp = widened.layers["0"]["weight"], widened.layers["0"]["compensation"]
     assert weight.frac == plan.layers["0"]["weight"].frac + 2 and comp.frac == before.frac
     assert comp.max_value < weight.step <= -comp.min_value and comp.width == before.width - 2
+
+
+def test_a_layer_whose_weights_start_at_zero_is_blamed():
+    plan = recommend(_tiny_stats())
+    report = kahan_report(plan, diagnostics={"0": {"weight_flushed": {"kahan": 0.9}, "lost_mass": {"kahan": None}}})
+    widenings = [w for w in blame(report, plan) if w.layer == "0"]
+    assert [(w.tensor, w.kind) for w in widenings] == [("weight", "resolution")]
+    assert "round to zero" in widenings[0].why
