@@ -348,20 +348,26 @@ typedef struct {
     float *w, *m, *c, *intended;
     const float *g;
     float lr, momentum, decay;
+    float c_lo, c_hi; /* the compensation's range: a residue beyond it saturates */
     int flags;
     Quantizer wq, cq, mq;
 } Step;
 
+typedef struct {
+    int64_t moved, lost, dropped, saturated;
+} StepCounts;
+
 /* optim._single_step, operation for operation, over blocks that stay in the L1 cache: one
  * pass over memory instead of one per operation. Each quantizer reads a scratch buffer and
- * writes the destination (never in place). Returns the updates with u != 0 (moved) and
- * those among them that left the weight unchanged (lost). */
+ * writes the destination (never in place). Counts the updates with u != 0 (moved), those
+ * among them that left the weight unchanged (lost), and with Kahan the non-zero residues
+ * the compensation rounded to zero (dropped) or that lay beyond its range (saturated). */
 MULTIVERSION
-static void step_run(const Step *st, int64_t n, int64_t *moved_out, int64_t *lost_out) {
+static void step_run(const Step *st, int64_t n, StepCounts *out) {
     float d[STEP_BLOCK], u[STEP_BLOCK], y[STEP_BLOCK], t[STEP_BLOCK], s[STEP_BLOCK];
     const int flags = st->flags;
-    const float neg_lr = -st->lr, momentum = st->momentum, decay = st->decay;
-    int64_t moved = 0, lost = 0;
+    const float neg_lr = -st->lr, momentum = st->momentum, decay = st->decay, c_lo = st->c_lo, c_hi = st->c_hi;
+    int64_t moved = 0, lost = 0, dropped = 0, saturated = 0;
     for (int64_t start = 0; start < n; start += STEP_BLOCK) {
         const int64_t k = n - start < STEP_BLOCK ? n - start : STEP_BLOCK;
         float *restrict w = st->w + start;
@@ -409,6 +415,12 @@ static void step_run(const Step *st, int64_t n, int64_t *moved_out, int64_t *los
                 for (int64_t i = 0; i < k; i++) s[i] = s[i] - y[i];
             }
             quantize_block(&st->cq, s, c, k, 0);
+            if (flags & STEP_DIAG) {
+                for (int64_t i = 0; i < k; i++) {
+                    dropped += (s[i] != 0.0f) & (c[i] == 0.0f);
+                    saturated += (s[i] > c_hi) | (s[i] < c_lo);
+                }
+            }
         } else {
             for (int64_t i = 0; i < k; i++) s[i] = w[i] + u[i];
             quantize_block(&st->wq, s, t, k, 0);
@@ -425,8 +437,10 @@ static void step_run(const Step *st, int64_t n, int64_t *moved_out, int64_t *los
         }
         memcpy(w, t, (size_t)k * sizeof(float));
     }
-    *moved_out = moved;
-    *lost_out = lost;
+    out->moved = moved;
+    out->lost = lost;
+    out->dropped = dropped;
+    out->saturated = saturated;
 }
 
 /* --- Python bindings --------------------------------------------------------------- */
@@ -510,10 +524,11 @@ static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-/* step(w, g, m, c, intended, n, lr, momentum, decay, flags, wspec, cspec, mspec) -> (moved, lost) */
+/* step(w, g, m, c, intended, n, lr, momentum, decay, flags, wspec, cspec, mspec, c_lo, c_hi)
+ * -> (moved, lost, dropped, saturated) */
 static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Step st;
-    if (check_nargs(nargs, 13, "step") || parse_quantizer(args[10], &st.wq) || parse_quantizer(args[11], &st.cq) ||
+    if (check_nargs(nargs, 15, "step") || parse_quantizer(args[10], &st.wq) || parse_quantizer(args[11], &st.cq) ||
         parse_quantizer(args[12], &st.mq))
         return NULL;
     st.w = as_pointer(args[0]);
@@ -526,10 +541,13 @@ static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     st.momentum = (float)as_double(args[7]);
     st.decay = (float)as_double(args[8]);
     st.flags = (int)as_long(args[9]);
+    st.c_lo = (float)as_double(args[13]);
+    st.c_hi = (float)as_double(args[14]);
     if (PyErr_Occurred()) return NULL;
-    int64_t moved = 0, lost = 0;
-    Py_BEGIN_ALLOW_THREADS step_run(&st, n > 0 ? (int64_t)n : 0, &moved, &lost);
-    Py_END_ALLOW_THREADS return Py_BuildValue("LL", (long long)moved, (long long)lost);
+    StepCounts counts = {0, 0, 0, 0};
+    Py_BEGIN_ALLOW_THREADS step_run(&st, n > 0 ? (int64_t)n : 0, &counts);
+    Py_END_ALLOW_THREADS return Py_BuildValue("LLLL", (long long)counts.moved, (long long)counts.lost,
+                                              (long long)counts.dropped, (long long)counts.saturated);
 }
 
 /* absmax(src, n) -> float */

@@ -80,7 +80,7 @@ import torch
 
 from . import formats
 from .formats import DynamicFixedPoint, FixedPoint, Float32, FloatFormat, Format, in_pieces, native_spec, parse_format
-from .store import MODES, LowPrecisionOptimizer, compensation_format, store, store_foreach
+from .store import MODES, LowPrecisionOptimizer, compensation_format, compensation_range, store, store_foreach
 from .store import round_onto as _q
 
 __all__ = ["MODES", "KahanAdam", "KahanAdamW", "KahanSGD", "compensation_format", "debiased_beta"]
@@ -472,24 +472,27 @@ def _native_flags(group: dict[str, Any], diag: bool, *, momentum: bool = False, 
 
 
 def _native_call(tensors: tuple[torch.Tensor | None, ...], lr: float, momentum: float, decay: float, flags: int,
-                 specs: tuple[tuple, tuple, tuple]) -> tuple[int, int]:
-    """The C step over (w, g, m, c, intended), None where unused: (moved, lost)."""
+                 specs: tuple[tuple, tuple, tuple], comp_range: tuple[float, float]) -> tuple[int, ...]:
+    """The C step over (w, g, m, c, intended), None where unused: (moved, lost, dropped,
+    saturated), see :data:`lpcli.store.COUNTERS`."""
     addresses = [t.data_ptr() if t is not None else 0 for t in tensors]
     wspec, cspec, mspec = specs
 
-    def run(start: int, count: int) -> tuple[int, int]:
+    def run(start: int, count: int) -> tuple[int, int, int, int]:
         at = [a + 4 * start if a else 0 for a in addresses]
-        return formats._kernels.step(*at, count, lr, momentum, decay, flags, wspec, cspec, mspec)
+        return formats._kernels.step(*at, count, lr, momentum, decay, flags, wspec, cspec, mspec, *comp_range)
 
     counts = in_pieces(run, tensors[0].numel())
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return tuple(sum(c[i] for c in counts) for i in range(4))
 
 
-def _set_counts(state: dict[str, Any], moved: int, lost: int) -> None:
+def _set_counts(state: dict[str, Any], moved: int, lost: int, dropped: int = 0, clipped: int = 0) -> None:
     state["step_moved"].fill_(moved)
     state["step_lost"].fill_(lost)
     state["moved"].add_(moved)
     state["lost"].add_(lost)
+    state["comp_dropped"].add_(dropped)
+    state["comp_saturated"].add_(clipped)
 
 
 def _native_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], diag: bool,
@@ -503,9 +506,10 @@ def _native_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], 
                           decay=bool(group["weight_decay"]))
     if not diag:
         tensors = (*tensors[:4], None)
-    moved, lost = _native_call(tensors, group["lr"], group["momentum"], group["weight_decay"], flags, specs)
+    counts = _native_call(tensors, group["lr"], group["momentum"], group["weight_decay"], flags, specs,
+                          compensation_range(group["comp_format"]))
     if diag:
-        _set_counts(state, moved, lost)
+        _set_counts(state, *counts)
     return True
 
 
@@ -527,7 +531,8 @@ def _adam_native(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], 
     chunk = _CHUNK if torch.get_num_threads() == 1 else n
     flat = [t.view(-1) if t is not None else None for t in (w, g, m, v, c, intended)]
     scratch = torch.empty((2 if decay and not decoupled else 1, min(n, chunk)))
-    moved = lost = 0
+    totals = [0, 0, 0, 0]
+    comp_range = compensation_range(group["comp_format"])
     for start in range(0, n, chunk):
         ww, gg, mm, vv, cc, ii = (t[start:start + chunk] if t is not None else None for t in flat)
         r = scratch[0, :ww.numel()]
@@ -536,10 +541,10 @@ def _adam_native(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], 
         _q(mm.mul_(h1).add_(torch.mul(gg, 1 - h1, out=r)), mf)
         _q(vv.mul_(h2).add_(torch.mul(gg, gg, out=r).mul_(1 - h2)), vf)
         torch.div(mm, torch.sqrt(vv, out=r).add_(eps), out=r)
-        counts = _native_call((ww, r, None, cc, ii), lr, 0.0, decay if decoupled else 0.0, flags, specs)
-        moved, lost = moved + counts[0], lost + counts[1]
+        counts = _native_call((ww, r, None, cc, ii), lr, 0.0, decay if decoupled else 0.0, flags, specs, comp_range)
+        totals = [a + b for a, b in zip(totals, counts, strict=True)]
     if diag:
-        _set_counts(state, moved, lost)
+        _set_counts(state, *totals)
     return True
 
 
@@ -617,14 +622,22 @@ def _make_fused(key: tuple) -> Callable:
             t = _inline_q(w + y, wk, wspec)
             z = t - w
             zq = _inline_q(z, ck, cspec) if float_c else z
-            c.copy_(_inline_q(zq - y, ck, cspec))
+            residue = zq - y
+            c_new = _inline_q(residue, ck, cspec)
+            c.copy_(c_new)
         else:
             t = _inline_q(w + u, wk, wspec)
             z = t - w
         if diag:
-            # moved and lost in one reduction: moved + lost * 2^32 (a tensor has < 2^31 elements)
+            # two counts per reduction: a + b * 2^32 (a tensor has < 2^31 elements)
             nonzero = u != 0
             counts = (nonzero.to(torch.int64) + (nonzero & (z == 0)).to(torch.int64) * 2**32).sum()
+            if kahan:
+                out_of_range = (residue > scalars[4]) | (residue < scalars[3])
+                comp = ((residue != 0) & (c_new == 0)).to(torch.int64) + out_of_range.to(torch.int64) * 2**32
+                counts = torch.stack([counts, comp.sum()])
+            else:
+                counts = torch.stack([counts, torch.zeros_like(counts)])
             intended.add_(u)
         else:
             counts = None
@@ -655,8 +668,8 @@ def _fused_tensor(fused: Callable, p: torch.Tensor, state: dict[str, Any], group
     if cache.get("key") != spec_key:
         cache.clear()
         cache["key"] = spec_key
-        cache["scalars"] = torch.tensor([group["lr"], group["momentum"], group["weight_decay"]],
-                                        dtype=torch.float32, device=device)
+        cache["scalars"] = torch.tensor([group["lr"], group["momentum"], group["weight_decay"],
+                                         *compensation_range(group["comp_format"])], dtype=torch.float32, device=device)
         for name in ("weight_format", "comp_format", "momentum_format"):
             cache[name] = _fmt_tensor(group[name], device)
     w = p.detach().view(-1)
@@ -665,7 +678,9 @@ def _fused_tensor(fused: Callable, p: torch.Tensor, state: dict[str, Any], group
                         flat("intended"), cache["scalars"], cache["weight_format"], cache["comp_format"],
                         cache["momentum_format"])
     if diag:
-        state["step_moved"].copy_(counts % 2**32)
-        state["step_lost"].copy_(counts // 2**32)
+        state["step_moved"].copy_(counts[0] % 2**32)
+        state["step_lost"].copy_(counts[0] // 2**32)
         state["moved"].add_(state["step_moved"])
         state["lost"].add_(state["step_lost"])
+        state["comp_dropped"].add_(counts[1] % 2**32)
+        state["comp_saturated"].add_(counts[1] // 2**32)

@@ -221,7 +221,9 @@ class Simulation:
             for group in self._optimizer.diagnostics():
                 if group["name"] in layers:
                     layers[group["name"]].update(lost_updates=group["lost_updates"], lost_mass=group["lost_mass"],
-                                                 weight_flushed=group["weights_flushed_at_start"])
+                                                 weight_flushed=group["weights_flushed_at_start"],
+                                                 compensation_dropped=group["compensation_dropped"],
+                                                 compensation_saturated=group["compensation_saturated"])
         for name, share in self.weights_at_limit().items():
             layers[name]["weight_saturated"] = share
         for name, tensors in counts["layers"].items():

@@ -61,6 +61,10 @@ import torch
 from .formats import MAX_FIXED_WIDTH, FixedPoint, Float32, FloatFormat, Format, parse_format, quantize, saturated
 
 MODES = ("kahan", "plain", "stochastic")
+# The diagnostics' counters per tensor: updates u != 0 (moved) and those that left the weight
+# unchanged (lost), in all and in the last step; with Kahan, the non-zero residues the
+# compensation rounded to zero (comp_dropped) or that lay beyond its range (comp_saturated).
+COUNTERS = ("lost", "moved", "step_lost", "step_moved", "comp_dropped", "comp_saturated")
 
 
 def compensation_format(weight_format: Format, frac: int | None = None) -> Format:
@@ -168,7 +172,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if self.diagnostics_on:
             state["initial"] = p.detach().clone(memory_format=torch.contiguous_format)
             state["intended"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            for key in ("lost", "moved", "step_lost", "step_moved"):
+            for key in COUNTERS:
                 state[key] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     def _state_formats(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +195,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         """Per parameter group: lost-update shares (run, last step) and the lost update mass."""
         report = []
         for index, group in enumerate(self.param_groups):
-            lost = moved = step_lost = step_moved = 0
+            lost = moved = step_lost = step_moved = dropped = clipped = 0
             residual = intended = 0.0
             steps_seen = False
             for p in group["params"]:
@@ -203,6 +207,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 moved += int(state["moved"])
                 step_lost += int(state["step_lost"])
                 step_moved += int(state["step_moved"])
+                dropped += int(state["comp_dropped"])
+                clipped += int(state["comp_saturated"])
                 applied = p.detach().double() - state["initial"].double()
                 total = state["intended"].double()
                 residual += float(((total - applied) ** 2).sum())
@@ -217,6 +223,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 "lost_updates": lost / moved if on and moved else None,
                 "lost_updates_step": step_lost / step_moved if on and step_moved else None,
                 "lost_mass": math.sqrt(residual / intended) if on and intended else None,
+                "compensation_dropped": dropped / moved if on and moved and group["mode"] == "kahan" else None,
+                "compensation_saturated": clipped / moved if on and moved and group["mode"] == "kahan" else None,
                 "weights_flushed_at_start": group.get("flushed_at_start", 0) / elements if (
                     elements := sum(p.numel() for p in group["params"])) else None,
             })
@@ -243,7 +251,10 @@ def store(w: torch.Tensor, u: torch.Tensor, state: dict[str, Any], group: dict[s
             _count(state, u, z)
         if float_c:
             round_onto(z, cf)
-        round_onto(z.sub_(y), cf, out=c)
+        residue = z.sub_(y)
+        round_onto(residue, cf, out=c)
+        if diag:
+            count_compensation(state, residue, c, cf)
     else:
         t = round_onto(w + u, wf, rounding="nearest" if mode == "plain" else "stochastic", generator=generator)
         if diag:
@@ -251,6 +262,21 @@ def store(w: torch.Tensor, u: torch.Tensor, state: dict[str, Any], group: dict[s
     if diag:
         state["intended"].add_(u)
     w.copy_(t)
+
+
+def count_compensation(state: dict[str, Any], residue: torch.Tensor, c: torch.Tensor, cf: Format) -> None:
+    """Dropped: a non-zero residue the compensation rounded to zero (an update it could not
+    keep); saturated: a residue beyond its range. No host sync."""
+    state["comp_dropped"].add_(torch.count_nonzero(residue) - torch.count_nonzero(torch.logical_and(residue, c)))
+    state["comp_saturated"].add_(torch.count_nonzero(saturated(residue, cf)))
+
+
+def compensation_range(cf: Format) -> tuple[float, float]:
+    """The range beyond which a residue saturates in ``cf`` (none for float32 and dynamic
+    fixed point), as :func:`lpcli.formats.saturated` defines it."""
+    if isinstance(cf, (FixedPoint, FloatFormat)):
+        return cf.min_value, cf.max_value
+    return -math.inf, math.inf
 
 
 def _count(state: dict[str, Any], u: torch.Tensor, z: torch.Tensor) -> None:
@@ -286,8 +312,10 @@ def store_foreach(ws: list[torch.Tensor], us: list[torch.Tensor], states: list[d
             for v in z:
                 round_onto(v, cf)
         torch._foreach_sub_(z, y)
-        for v, c in zip(z, cs, strict=True):
+        for v, c, state in zip(z, cs, states, strict=True):
             round_onto(v, cf, out=c)
+            if diag:
+                count_compensation(state, v, c, cf)
     else:
         t = torch._foreach_add(ws, us)
         rounding = "nearest" if mode == "plain" else "stochastic"

@@ -7,6 +7,9 @@ the formats to widen, each with its reason:
 * a layer whose weights mostly **round to zero at the start** (more than
   ``WEIGHTS_FLUSHED``: such a layer is dead, its updates are all zero, so nothing counts
   as lost): its weight format gains ``step`` fraction bits;
+* a **compensation** that rounded more than ``COMPENSATION_DROPPED`` of the non-zero
+  residues to zero (updates it could not keep): it gains ``step`` fraction bits, its range
+  kept;
 * a layer whose **lost update mass** exceeds ``LOST_MASS`` (the updates never reached the
   weights, even through the compensation): its weight format gains ``step`` fraction
   (mantissa) bits;
@@ -52,6 +55,7 @@ SATURATION = 0.005
 LOGITS_SATURATED = 0.75
 FLUSHED = 0.95
 WEIGHTS_FLUSHED = 0.5
+COMPENSATION_DROPPED = 0.05
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,10 @@ def blame(report: CheckReport, plan: Plan, step: int = 2) -> list[Widening]:
         elif value("lost_mass") > LOST_MASS:
             out.append(Widening(layer, "weight", "resolution", step,
                                 f"lost update mass {value('lost_mass'):.0%} > {LOST_MASS:.0%}"))
+        if value("compensation_dropped") > COMPENSATION_DROPPED:
+            out.append(Widening(layer, "compensation", "resolution", step,
+                                f"the compensation rounded {value('compensation_dropped'):.0%} of the residues to zero "
+                                f"(> {COMPENSATION_DROPPED:.0%}): updates it could not keep"))
         for tensor in ("activation", "error", "weight_grad"):
             if layer == plan.output_layer and tensor in ("activation", "error"):
                 continue  # the softmax formats, judged below

@@ -356,7 +356,8 @@ def test_diagnostics_shape_and_switching_them_off():
     assert off.diagnostics()[0]["lost_mass"] is None and "intended" not in off.state[p]
     d = on.diagnostics()[0]
     assert list(d) == ["name", "mode", "weight_format", "comp_format", "moment_formats", "lost_updates",
-                       "lost_updates_step", "lost_mass", "weights_flushed_at_start"]
+                       "lost_updates_step", "lost_mass", "compensation_dropped", "compensation_saturated",
+                       "weights_flushed_at_start"]
     assert d["name"] == "fc" and d["mode"] == "kahan" and d["weight_format"] == "fx8.6"
     assert d["comp_format"] == str(compensation_format(FixedPoint(8, 6)))
     assert d["moment_formats"] == ("bf16", "fp32")

@@ -332,3 +332,31 @@ def test_weights_that_round_to_zero_at_the_start_are_counted():
     expected = float(((w != 0) & (w.abs() < 0.125)).float().mean())  # fx4.2: step 1/4, half a step 1/8
     opt = KahanSGD([torch.nn.Parameter(w.clone())], lr=0.1, weight_format="fx4.2")
     assert opt.diagnostics()[0]["weights_flushed_at_start"] == pytest.approx(expected) and expected > 0.7
+
+
+def test_the_compensation_counts_what_it_drops_and_what_it_clips():
+    """fx7.7 weights, constant updates of 0.4 steps of the weight-width compensation fx7.13:
+    every residue rounds to zero there, none in a compensation sized for them. Weights at
+    the top of fx4.2 pushed further up: the residue exceeds the compensation's range of one
+    LSB at every step. Every path counts the same (tests above compare the diagnostics)."""
+    wf = FixedPoint(7, 7)
+    narrow = compensation_format(wf)
+    u = 0.4 * narrow.step
+    shares = {}
+    for comp in (narrow, compensation_format(wf, narrow.frac + 3)):
+        p = torch.nn.Parameter(torch.zeros(16))
+        opt = KahanSGD([p], lr=1.0, weight_format=wf, comp_format=comp)
+        for _ in range(50):
+            p.grad = torch.full((16,), -u)
+            opt.step()
+        shares[comp] = (opt.diagnostics()[0]["compensation_dropped"], opt.diagnostics()[0]["compensation_saturated"])
+    assert shares[narrow] == (1.0, 0.0)
+    assert shares[compensation_format(wf, narrow.frac + 3)] == (0.0, 0.0)
+    p = torch.nn.Parameter(torch.full((8,), 1.75))
+    opt = KahanSGD([p], lr=1.0, weight_format="fx4.2", foreach=False)
+    for _ in range(5):
+        p.grad = torch.full((8,), -0.3)
+        opt.step()
+    assert opt.diagnostics()[0]["compensation_saturated"] == 1.0 and float(p.detach()[0]) == 1.75
+    plain = KahanSGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0, weight_format="fx4.2", mode="plain")
+    assert plain.diagnostics()[0]["compensation_dropped"] is None

@@ -173,3 +173,13 @@ def test_a_layer_whose_weights_start_at_zero_is_blamed():
     widenings = [w for w in blame(report, plan) if w.layer == "0"]
     assert [(w.tensor, w.kind) for w in widenings] == [("weight", "resolution")]
     assert "round to zero" in widenings[0].why
+
+
+def test_a_compensation_that_drops_residues_is_widened():
+    plan = recommend(_tiny_stats())
+    report = kahan_report(plan, diagnostics={"0": {"compensation_dropped": {"kahan": 0.2}}})
+    widenings = [w for w in blame(report, plan) if w.layer == "0"]
+    assert [(w.tensor, w.kind) for w in widenings] == [("compensation", "resolution")]
+    new, _ = widen(plan, widenings)
+    old, comp = plan.layers["0"]["compensation"], new.layers["0"]["compensation"]
+    assert comp.frac == old.frac + 2 and comp.integer_bits == old.integer_bits
