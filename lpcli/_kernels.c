@@ -402,12 +402,6 @@ static void step_run(const Step *st, int64_t n, StepCounts *out) {
             for (int64_t i = 0; i < k; i++) s[i] = w[i] + y[i];
             quantize_block(&st->wq, s, t, k, 0);
             for (int64_t i = 0; i < k; i++) s[i] = t[i] - w[i]; /* z */
-            if (flags & STEP_DIAG) {
-                for (int64_t i = 0; i < k; i++) {
-                    moved += u[i] != 0.0f;
-                    lost += (u[i] != 0.0f) & (s[i] == 0.0f);
-                }
-            }
             if (flags & STEP_FLOAT_C) {
                 quantize_block(&st->cq, s, d, k, 0);
                 for (int64_t i = 0; i < k; i++) s[i] = d[i] - y[i];
@@ -415,8 +409,11 @@ static void step_run(const Step *st, int64_t n, StepCounts *out) {
                 for (int64_t i = 0; i < k; i++) s[i] = s[i] - y[i];
             }
             quantize_block(&st->cq, s, c, k, 0);
-            if (flags & STEP_DIAG) {
+            if (flags & STEP_DIAG) { /* one pass for the four counts; s holds the residue */
                 for (int64_t i = 0; i < k; i++) {
+                    const int nonzero = u[i] != 0.0f;
+                    moved += nonzero;
+                    lost += nonzero & ((t[i] - w[i]) == 0.0f);
                     dropped += (s[i] != 0.0f) & (c[i] == 0.0f);
                     saturated += (s[i] > c_hi) | (s[i] < c_lo);
                 }

@@ -19,7 +19,7 @@ from . import distributed
 from .data import Dataset, balanced_accuracy, batch_indices
 from .distributed import World, all_sum
 from .errors import InputError, Interrupted
-from .models import run_model
+from .models import run_model, user_model
 from .plan import Plan
 from .recipe import Recipe, load_recipe
 from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary, Verdict
@@ -184,13 +184,15 @@ def _train(run: str, setup: _Setup) -> _RunResult:
     try:
         curve = _steps(run, optimizer, loss_fn, setup)
         if simulation is None:
-            tested = _evaluate_fp32(model, setup.data) if curve["diverged_at"] is None else UNTESTED
+            with user_model(setup.recipe.source, setup.recipe.model_label):
+                tested = _evaluate_fp32(model, setup.data) if curve["diverged_at"] is None else UNTESTED
             return _RunResult(RunSummary(**tested, **curve))
         if setup.world.distributed:
             _sum_counts(simulation.simulator, setup.world, setup.data.x_train.device)
         diagnostics = simulation.diagnostics()
         if curve["diverged_at"] is None:
-            evaluation = simulation.evaluate(setup.data.x_test, setup.data.y_test)
+            with user_model(setup.recipe.source, setup.recipe.model_label):
+                evaluation = simulation.evaluate(setup.data.x_test, setup.data.y_test)
             tested = _test_summary(evaluation.accuracy, evaluation.accuracy_fp32_logits, evaluation.loss,
                                    evaluation.predictions, setup.data)
             diagnostics["softmax"]["test_rows_tied"] = evaluation.tied_rows

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,14 +221,22 @@ def floating_tensors(value: Any) -> list[torch.Tensor]:
     return found
 
 
-def run_model(model: nn.Module, x: torch.Tensor, source: str, name: str = "the model") -> torch.Tensor:
-    """``model(x)``, with an exception from the user's own code as bad input naming the model."""
+@contextmanager
+def user_model(source: str, name: str = "the model") -> Iterator[None]:
+    """Run the user's model inside: an exception from their code becomes bad input naming
+    the model (one line, exit 2), in training and in evaluation alike."""
     try:
-        return model(x)
+        yield
     except (KeyboardInterrupt, InputError):
         raise
     except Exception as exc:  # the user's forward: any failure is theirs to fix
         raise InputError(source, "model", f"the forward of {name} raised {describe_exception(exc)}") from None
+
+
+def run_model(model: nn.Module, x: torch.Tensor, source: str, name: str = "the model") -> torch.Tensor:
+    """``model(x)`` under :func:`user_model`."""
+    with user_model(source, name):
+        return model(x)
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -150,14 +150,15 @@ class StatsCollector:
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  layers: list[str] | None = None, seed: int = 0,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, *, rule: str | None = None,
+                 late_lr_factor: float = 1.0) -> None:
         self.model = model
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.optimizer = optimizer
-        self.rule_name = type(optimizer).__name__.lower() if optimizer is not None else None
+        self.rule_name = rule or (type(optimizer).__name__.lower() if optimizer is not None else None)
         # The lr late in the schedule over the lr these updates were recorded at (1: the
         # updates already cover the schedule, as in a user's own loop).
-        self.late_lr_factor = 1.0
+        self.late_lr_factor = late_lr_factor
         modules = parameter_layers(model)
         names = list(modules) if layers is None else layers
         self.layers = {name: modules[name] for name in names}
@@ -318,9 +319,8 @@ def _analyze(recipe: Recipe | str | Path | None, steps: int | None, seed: int | 
         raise InputError(recipe.source, "model", "has no trainable parameter to analyze")
     optimizer = torch_optimizer(model.parameters(), training)  # at the peak lr: see lpcli.recommend
     collector = StatsCollector(model, training.lr, training.momentum, training.weight_decay, seed=seed,
-                               optimizer=optimizer)
-    collector.rule_name = training.optimizer
-    collector.late_lr_factor = late_factor(training, training.steps)
+                               optimizer=optimizer, rule=training.optimizer,
+                               late_lr_factor=late_factor(training, training.steps))
     model.train()
     for step, index in enumerate(batch_indices(len(data.y_train), training.batch_size, steps, seed)):
         index = index.to(device)  # drawn on the CPU: the same batches on every device

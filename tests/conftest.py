@@ -86,3 +86,17 @@ def run_optimizer(make, shapes, steps=30, split=None, skip=()):
             p.grad = None if j == 1 and i in skip else g.clone()
         opt.step()
     return params, opt
+
+
+def assert_diagnostics_change_no_bit(off, on, p, q, steps: int = 10) -> None:
+    """``off`` (diagnostics off, over ``p``) and ``on`` (over ``q``, equal to ``p``) take the
+    same small updates: the weights end equal, and ``off`` keeps none of the sums."""
+    import torch
+
+    for _ in range(steps):
+        p.grad = torch.full_like(p, -0.1)
+        q.grad = torch.full_like(q, -0.1)
+        off.step()
+        on.step()
+    assert torch.equal(p.detach(), q.detach())
+    assert off.diagnostics()[0]["lost_mass"] is None and "intended" not in off.state[p]

@@ -230,3 +230,27 @@ def test_stats_from_a_user_adamw_loop_give_the_recipes_weight_widths():
     assert {n: str(f["weight"]) for n, f in mine.layers.items()} == \
         {n: str(f["weight"]) for n, f in routed.layers.items()}
     assert all(not isinstance(f["variance"], type(parse_format("fp32"))) for f in mine.layers.values())
+
+
+class FailsOnLargeBatches(nn.Module):
+    """Trains (batches of 32) and passes the first check (2 samples); raises on the test set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > 100:
+            raise ValueError("batch too large for this model")
+        return self.fc(x)
+
+
+def test_an_exception_in_evaluation_is_one_line_of_bad_input(small_recipe, tmp_path):
+    recipe = small_recipe(model={"import": "test_simulation:FailsOnLargeBatches"},
+                          training={"lr": 0.05, "batch_size": 32, "steps": 20, "analyze_steps": 3})
+    out = tmp_path / "report.json"
+    result = run_cli("train-check", recipe, "-o", out)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "model: the forward of test_simulation:FailsOnLargeBatches raised ValueError: batch too large" \
+        in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
