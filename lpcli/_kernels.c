@@ -339,38 +339,102 @@ static void quantize_block(const Quantizer *q, const float *restrict x, float *r
         memcpy(y, x, (size_t)n * sizeof(float));
 }
 
-/* --- one step of SGD on quantized weights (lpcli/optim.py) ------------------------------ */
+/* --- one optimizer step on quantized weights (lpcli/optim.py, lpcli/store.py) --------- */
 
-enum { STEP_KAHAN = 1, STEP_FLOAT_C = 2, STEP_MOMENTUM = 4, STEP_NESTEROV = 8, STEP_DECAY = 16, STEP_DIAG = 32 };
+enum {
+    STEP_KAHAN = 1, STEP_FLOAT_C = 2, STEP_MOMENTUM = 4, STEP_NESTEROV = 8, STEP_DECAY = 16, STEP_DIAG = 32,
+    STEP_L2 = 64 /* Adam: decay added to the gradient before the moments */
+};
 #define STEP_BLOCK 128 /* elements: measured fastest of 32..2048 (benchmarks/optim.py) */
 
 typedef struct {
-    float *w, *m, *c, *intended;
-    const float *g;
-    float lr, momentum, decay;
+    float *w, *c, *intended;
     float c_lo, c_hi; /* the compensation's range: a residue beyond it saturates */
     int flags;
-    Quantizer wq, cq, mq;
-} Step;
+    Quantizer wq, cq;
+} Store;
 
 typedef struct {
     int64_t moved, lost, dropped, saturated;
 } StepCounts;
 
-/* optim._single_step, operation for operation, over blocks that stay in the L1 cache: one
- * pass over memory instead of one per operation. Each quantizer reads a scratch buffer and
- * writes the destination (never in place). Counts the updates with u != 0 (moved), those
- * among them that left the weight unchanged (lost), and with Kahan the non-zero residues
- * the compensation rounded to zero (dropped) or that lay beyond its range (saturated). */
-MULTIVERSION
-static void step_run(const Step *st, int64_t n, StepCounts *out) {
-    float d[STEP_BLOCK], u[STEP_BLOCK], y[STEP_BLOCK], t[STEP_BLOCK], s[STEP_BLOCK];
+/* store.store on elements [start, start + k) (k <= STEP_BLOCK): w takes the update u in the
+ * store's mode. Each quantizer reads a scratch buffer and writes the destination (never in
+ * place). Counts the updates with u != 0 (moved), those among them that left the weight
+ * unchanged (lost), and with Kahan the non-zero residues the compensation rounded to zero
+ * (dropped) or that lay beyond its range (saturated). Inlined into each rule's kernel. */
+static inline __attribute__((always_inline)) void store_block(const Store *st, int64_t start, int64_t k,
+                                                              const float *restrict u, StepCounts *counts) {
+    float y[STEP_BLOCK], t[STEP_BLOCK], s[STEP_BLOCK], q[STEP_BLOCK];
     const int flags = st->flags;
-    const float neg_lr = -st->lr, momentum = st->momentum, decay = st->decay, c_lo = st->c_lo, c_hi = st->c_hi;
+    float *restrict w = st->w + start;
     int64_t moved = 0, lost = 0, dropped = 0, saturated = 0;
+    if (flags & STEP_KAHAN) {
+        float *restrict c = st->c + start;
+        const float c_lo = st->c_lo, c_hi = st->c_hi;
+        if (flags & STEP_FLOAT_C) {
+            for (int64_t i = 0; i < k; i++) s[i] = u[i] - c[i];
+            quantize_block(&st->cq, s, y, k, 0);
+        } else {
+            for (int64_t i = 0; i < k; i++) y[i] = u[i] - c[i];
+        }
+        for (int64_t i = 0; i < k; i++) s[i] = w[i] + y[i];
+        quantize_block(&st->wq, s, t, k, 0);
+        for (int64_t i = 0; i < k; i++) s[i] = t[i] - w[i]; /* z */
+        if (flags & STEP_FLOAT_C) {
+            quantize_block(&st->cq, s, q, k, 0);
+            for (int64_t i = 0; i < k; i++) s[i] = q[i] - y[i];
+        } else {
+            for (int64_t i = 0; i < k; i++) s[i] = s[i] - y[i];
+        }
+        quantize_block(&st->cq, s, c, k, 0);
+        if (flags & STEP_DIAG) { /* one pass for the four counts; s holds the residue */
+            for (int64_t i = 0; i < k; i++) {
+                const int nonzero = u[i] != 0.0f;
+                moved += nonzero;
+                lost += nonzero & ((t[i] - w[i]) == 0.0f);
+                dropped += (s[i] != 0.0f) & (c[i] == 0.0f);
+                saturated += (s[i] > c_hi) | (s[i] < c_lo);
+            }
+        }
+    } else {
+        for (int64_t i = 0; i < k; i++) s[i] = w[i] + u[i];
+        quantize_block(&st->wq, s, t, k, 0);
+        if (flags & STEP_DIAG) {
+            for (int64_t i = 0; i < k; i++) {
+                moved += u[i] != 0.0f;
+                lost += (u[i] != 0.0f) & (t[i] - w[i] == 0.0f);
+            }
+        }
+    }
+    if (flags & STEP_DIAG) {
+        float *restrict sum = st->intended + start;
+        for (int64_t i = 0; i < k; i++) sum[i] = sum[i] + u[i];
+        counts->moved += moved;
+        counts->lost += lost;
+        counts->dropped += dropped;
+        counts->saturated += saturated;
+    }
+    memcpy(w, t, (size_t)k * sizeof(float));
+}
+
+/* SGD: optim._single_step, operation for operation. */
+typedef struct {
+    Store store;
+    float *m;
+    const float *g;
+    float lr, momentum, decay;
+    Quantizer mq;
+} SgdStep;
+
+MULTIVERSION
+static void sgd_run(const SgdStep *st, int64_t n, StepCounts *out) {
+    float d[STEP_BLOCK], u[STEP_BLOCK], s[STEP_BLOCK];
+    const int flags = st->store.flags;
+    const float neg_lr = -st->lr, momentum = st->momentum, decay = st->decay;
     for (int64_t start = 0; start < n; start += STEP_BLOCK) {
         const int64_t k = n - start < STEP_BLOCK ? n - start : STEP_BLOCK;
-        float *restrict w = st->w + start;
+        const float *restrict w = st->store.w + start;
         const float *restrict g = st->g + start;
         const float *dir = g;
         if (flags & STEP_DECAY) {
@@ -391,53 +455,47 @@ static void step_run(const Step *st, int64_t n, StepCounts *out) {
             }
         }
         for (int64_t i = 0; i < k; i++) u[i] = dir[i] * neg_lr;
-        if (flags & STEP_KAHAN) {
-            float *restrict c = st->c + start;
-            if (flags & STEP_FLOAT_C) {
-                for (int64_t i = 0; i < k; i++) s[i] = u[i] - c[i];
-                quantize_block(&st->cq, s, y, k, 0);
-            } else {
-                for (int64_t i = 0; i < k; i++) y[i] = u[i] - c[i];
-            }
-            for (int64_t i = 0; i < k; i++) s[i] = w[i] + y[i];
-            quantize_block(&st->wq, s, t, k, 0);
-            for (int64_t i = 0; i < k; i++) s[i] = t[i] - w[i]; /* z */
-            if (flags & STEP_FLOAT_C) {
-                quantize_block(&st->cq, s, d, k, 0);
-                for (int64_t i = 0; i < k; i++) s[i] = d[i] - y[i];
-            } else {
-                for (int64_t i = 0; i < k; i++) s[i] = s[i] - y[i];
-            }
-            quantize_block(&st->cq, s, c, k, 0);
-            if (flags & STEP_DIAG) { /* one pass for the four counts; s holds the residue */
-                for (int64_t i = 0; i < k; i++) {
-                    const int nonzero = u[i] != 0.0f;
-                    moved += nonzero;
-                    lost += nonzero & ((t[i] - w[i]) == 0.0f);
-                    dropped += (s[i] != 0.0f) & (c[i] == 0.0f);
-                    saturated += (s[i] > c_hi) | (s[i] < c_lo);
-                }
-            }
-        } else {
-            for (int64_t i = 0; i < k; i++) s[i] = w[i] + u[i];
-            quantize_block(&st->wq, s, t, k, 0);
-            if (flags & STEP_DIAG) {
-                for (int64_t i = 0; i < k; i++) {
-                    moved += u[i] != 0.0f;
-                    lost += (u[i] != 0.0f) & (t[i] - w[i] == 0.0f);
-                }
-            }
-        }
-        if (flags & STEP_DIAG) {
-            float *restrict sum = st->intended + start;
-            for (int64_t i = 0; i < k; i++) sum[i] = sum[i] + u[i];
-        }
-        memcpy(w, t, (size_t)k * sizeof(float));
+        store_block(&st->store, start, k, u, out);
     }
-    out->moved = moved;
-    out->lost = lost;
-    out->dropped = dropped;
-    out->saturated = saturated;
+}
+
+/* Adam and AdamW: optim._adam_single, operation for operation (b1, b2 the debiased betas,
+ * one_b1 = 1 - b1, one_b2 = 1 - b2, each already rounded to float32 by the caller). */
+typedef struct {
+    Store store;
+    float *m, *v;
+    const float *g;
+    float lr, decay, b1, one_b1, b2, one_b2, eps;
+    Quantizer mq, vq;
+} AdamStep;
+
+MULTIVERSION
+static void adam_run(const AdamStep *st, int64_t n, StepCounts *out) {
+    float d[STEP_BLOCK], u[STEP_BLOCK], s[STEP_BLOCK];
+    const int flags = st->store.flags;
+    const float neg_lr = -st->lr, decay = st->decay, b1 = st->b1, one_b1 = st->one_b1, b2 = st->b2,
+                one_b2 = st->one_b2, eps = st->eps;
+    for (int64_t start = 0; start < n; start += STEP_BLOCK) {
+        const int64_t k = n - start < STEP_BLOCK ? n - start : STEP_BLOCK;
+        const float *restrict w = st->store.w + start;
+        const float *restrict g = st->g + start;
+        float *restrict m = st->m + start;
+        float *restrict v = st->v + start;
+        const float *grad = g;
+        if (flags & STEP_L2) {
+            for (int64_t i = 0; i < k; i++) d[i] = g[i] + w[i] * decay;
+            grad = d;
+        }
+        for (int64_t i = 0; i < k; i++) s[i] = m[i] * b1 + grad[i] * one_b1;
+        quantize_block(&st->mq, s, m, k, 0);
+        for (int64_t i = 0; i < k; i++) s[i] = v[i] * b2 + (grad[i] * grad[i]) * one_b2;
+        quantize_block(&st->vq, s, v, k, 0);
+        for (int64_t i = 0; i < k; i++) u[i] = m[i] / (sqrtf(v[i]) + eps);
+        if (flags & STEP_DECAY)
+            for (int64_t i = 0; i < k; i++) u[i] = u[i] + w[i] * decay;
+        for (int64_t i = 0; i < k; i++) u[i] = u[i] * neg_lr;
+        store_block(&st->store, start, k, u, out);
+    }
 }
 
 /* --- Python bindings --------------------------------------------------------------- */
@@ -521,30 +579,63 @@ static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-/* step(w, g, m, c, intended, n, lr, momentum, decay, flags, wspec, cspec, mspec, c_lo, c_hi)
+/* The store's part of a step's arguments: w, c, intended (addresses), flags, wspec, cspec,
+ * c_lo, c_hi. */
+static int parse_store(Store *st, PyObject *w, PyObject *c, PyObject *intended, PyObject *flags,
+                       PyObject *wspec, PyObject *cspec, PyObject *c_lo, PyObject *c_hi) {
+    if (parse_quantizer(wspec, &st->wq) || parse_quantizer(cspec, &st->cq)) return -1;
+    st->w = as_pointer(w);
+    st->c = as_pointer(c);
+    st->intended = as_pointer(intended);
+    st->flags = (int)as_long(flags);
+    st->c_lo = (float)as_double(c_lo);
+    st->c_hi = (float)as_double(c_hi);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *counts_tuple(const StepCounts *counts) {
+    return Py_BuildValue("LLLL", (long long)counts->moved, (long long)counts->lost, (long long)counts->dropped,
+                         (long long)counts->saturated);
+}
+
+/* sgd_step(w, g, m, c, intended, n, lr, momentum, decay, flags, wspec, cspec, mspec, c_lo, c_hi)
  * -> (moved, lost, dropped, saturated) */
-static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Step st;
-    if (check_nargs(nargs, 15, "step") || parse_quantizer(args[10], &st.wq) || parse_quantizer(args[11], &st.cq) ||
+static PyObject *py_sgd_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    SgdStep st;
+    if (check_nargs(nargs, 15, "sgd_step") ||
+        parse_store(&st.store, args[0], args[3], args[4], args[9], args[10], args[11], args[13], args[14]) ||
         parse_quantizer(args[12], &st.mq))
         return NULL;
-    st.w = as_pointer(args[0]);
     st.g = as_pointer(args[1]);
     st.m = as_pointer(args[2]);
-    st.c = as_pointer(args[3]);
-    st.intended = as_pointer(args[4]);
     const long long n = as_long(args[5]);
     st.lr = (float)as_double(args[6]);
     st.momentum = (float)as_double(args[7]);
     st.decay = (float)as_double(args[8]);
-    st.flags = (int)as_long(args[9]);
-    st.c_lo = (float)as_double(args[13]);
-    st.c_hi = (float)as_double(args[14]);
     if (PyErr_Occurred()) return NULL;
     StepCounts counts = {0, 0, 0, 0};
-    Py_BEGIN_ALLOW_THREADS step_run(&st, n > 0 ? (int64_t)n : 0, &counts);
-    Py_END_ALLOW_THREADS return Py_BuildValue("LLLL", (long long)counts.moved, (long long)counts.lost,
-                                              (long long)counts.dropped, (long long)counts.saturated);
+    Py_BEGIN_ALLOW_THREADS sgd_run(&st, n > 0 ? (int64_t)n : 0, &counts);
+    Py_END_ALLOW_THREADS return counts_tuple(&counts);
+}
+
+/* adam_step(w, g, m, v, c, intended, n, lr, decay, b1, one_b1, b2, one_b2, eps, flags, wspec, cspec,
+ *           mspec, vspec, c_lo, c_hi) -> (moved, lost, dropped, saturated) */
+static PyObject *py_adam_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    AdamStep st;
+    if (check_nargs(nargs, 21, "adam_step") ||
+        parse_store(&st.store, args[0], args[4], args[5], args[14], args[15], args[16], args[19], args[20]) ||
+        parse_quantizer(args[17], &st.mq) || parse_quantizer(args[18], &st.vq))
+        return NULL;
+    st.g = as_pointer(args[1]);
+    st.m = as_pointer(args[2]);
+    st.v = as_pointer(args[3]);
+    const long long n = as_long(args[6]);
+    float *scalars[] = {&st.lr, &st.decay, &st.b1, &st.one_b1, &st.b2, &st.one_b2, &st.eps};
+    for (int i = 0; i < 7; i++) *scalars[i] = (float)as_double(args[7 + i]);
+    if (PyErr_Occurred()) return NULL;
+    StepCounts counts = {0, 0, 0, 0};
+    Py_BEGIN_ALLOW_THREADS adam_run(&st, n > 0 ? (int64_t)n : 0, &counts);
+    Py_END_ALLOW_THREADS return counts_tuple(&counts);
 }
 
 /* absmax(src, n) -> float */
@@ -560,7 +651,8 @@ static PyObject *py_absmax(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "Round n floats onto a format."},
-    {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL, "One SGD step on quantized weights."},
+    {"sgd_step", (PyCFunction)(void (*)(void))py_sgd_step, METH_FASTCALL, "One SGD step on quantized weights."},
+    {"adam_step", (PyCFunction)(void (*)(void))py_adam_step, METH_FASTCALL, "One Adam step on quantized weights."},
     {"absmax", (PyCFunction)(void (*)(void))py_absmax, METH_FASTCALL, "Largest magnitude (NaN if any)."},
     {NULL, NULL, 0, NULL},
 };

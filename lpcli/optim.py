@@ -29,7 +29,7 @@ first step (at step 1, ``m = g`` and ``v = g*g``)::
     d = g + (w * weight_decay)                 # KahanAdam only (L2)
     m = Q_m1((m * b1) + (d * (1 - b1)))        # rounded onto its format once per step,
     v = Q_m2((v * b2) + ((d * d) * (1 - b2)))  # after its update, before use below
-    r = m / (sqrt(v) + eps)
+    r = m / (sqrt(v) + eps)                    # sqrt correctly rounded (correct_sqrt)
     r = r + (w * weight_decay)                 # KahanAdamW only (decoupled)
     u = r * -lr
 
@@ -48,16 +48,14 @@ beta2 0.999, which a narrow moment format flushes to zero) and corrects at the s
 arithmetic, rounded differently. optimi's defaults are betas (0.9, 0.99) and eps 1e-6;
 ours are torch's (0.9, 0.999) and 1e-8.
 
-Paths, bit-identical by construction and by test. On the CPU by default
-(``foreach=None``) the store runs in C (lpcli/_kernels.c, in blocks of 128 elements that
-stay in the L1 cache, so one pass over memory per tensor) where the kernels are built and
-the formats allow (not stochastic rounding, not dynamic fixed point; those take the
-per-tensor path). For SGD that is the whole step. For Adam the C step is SGD's without
-momentum, with ``r`` as its gradient and the decoupled decay as its decay; the moments and
-``r`` before it are the torch operations above, on pieces of each tensor small enough to
-stay in the L2 cache (with one torch thread; several split whole tensors). Measured on
-10M parameters in 20 tensors, one thread (benchmarks/optim.py), it is 2.5 times faster
-than per tensor and 4 times faster than foreach on the CPU. ``foreach=True`` runs each
+Paths, bit-identical by construction and by test, chosen once per parameter group (at its
+first step, again only when a setting other than ``lr`` changes). On the CPU by default
+(``foreach=None``) the whole step runs in C (lpcli/_kernels.c, in blocks of 128 elements
+that stay in the L1 cache, so one pass over memory per tensor: the rule's update, then the
+one store both rules share) where the kernels are built and the formats allow (not
+stochastic rounding, not dynamic fixed point; those take the per-tensor path). Measured on
+10M parameters in 20 tensors, one thread (benchmarks/optim.py), it is 7 to 10 times faster
+than per tensor and than foreach on the CPU. ``foreach=True`` runs each
 operation over all of a group's tensors with ``torch._foreach_*`` (the default on CUDA,
 where it saves kernel launches); Adam's moments over the tensors at the same step count.
 ``foreach=False`` runs the same operations tensor by tensor with torch (the readable
@@ -163,25 +161,27 @@ class KahanSGD(LowPrecisionOptimizer):
             self._store_state(state, p, group)
         return state
 
+    def _choose_backend(self, group: dict[str, Any], device: torch.device) -> tuple[str, Any]:
+        if self.compile and (fused := self._fused_for(group)) is not None:
+            return "compiled", fused
+        return super()._choose_backend(group, device)
+
+    def _native_specs(self, group: dict[str, Any]) -> tuple | None:
+        return _native_specs(group, group["momentum_format"])
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        diag, generator = self.diagnostics_on, self.generator
         states = [self._state(p, group) for p in params]
-        fused = self._fused_for(group) if self.compile else None
-        if fused is not None:
-            cache = self._specs.setdefault(id(group), {})
-            for p, state in zip(params, states, strict=True):
-                if p.numel() < _FUSE_MIN or not p.is_contiguous():
-                    _single_step(p, state, group, self.diagnostics_on, self.generator)
-                else:
-                    _fused_tensor(fused, p, state, group, cache, self.diagnostics_on)
-        elif self.foreach or (self.foreach is None and params[0].is_cuda):
-            _foreach_step(params, states, group, self.diagnostics_on, self.generator)
-        elif self.foreach is None and (specs := _native_specs(group, group["momentum_format"])) is not None:
-            for p, state in zip(params, states, strict=True):
-                if not _native_step(p, state, group, self.diagnostics_on, specs):
-                    _single_step(p, state, group, self.diagnostics_on, self.generator)
-        else:
-            for p, state in zip(params, states, strict=True):
-                _single_step(p, state, group, self.diagnostics_on, self.generator)
+        backend, needs = self._backend(group, params[0].device)
+        if backend == "foreach":
+            _foreach_step(params, states, group, diag, generator)
+            return
+        cache = self._specs.setdefault(id(group), {})
+        for p, state in zip(params, states, strict=True):
+            if backend == "compiled" and p.numel() >= _FUSE_MIN and p.is_contiguous():
+                _fused_tensor(needs, p, state, group, cache, diag)
+            elif backend != "native" or not _native_step(p, state, group, diag, needs):
+                _single_step(p, state, group, diag, generator)
 
     def _fused_for(self, group: dict[str, Any]) -> Callable | None:
         key = _fused_key(group, self.diagnostics_on)
@@ -302,20 +302,23 @@ class _KahanAdamBase(LowPrecisionOptimizer):
             self._store_state(state, p, group)
         return state
 
+    def _native_specs(self, group: dict[str, Any]) -> tuple | None:
+        if any(isinstance(f, DynamicFixedPoint) for f in group["moment_formats"]):
+            return None  # its scale is per tensor; the C step rounds blocks
+        return _native_specs(group, *group["moment_formats"])
+
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         diag, generator = self.diagnostics_on, self.generator
         states = [self._state(p, group) for p in params]
         for state in states:
             state["step"] += 1
-        if self.foreach or (self.foreach is None and params[0].is_cuda):
+        backend, specs = self._backend(group, params[0].device)
+        if backend == "foreach":
             _adam_foreach(params, states, group, self.decoupled, diag, generator)
-        else:
-            specs = _native_specs(group, Float32()) if self.foreach is None else None
-            if any(isinstance(f, DynamicFixedPoint) for f in group["moment_formats"]):
-                specs = None  # its scale is per tensor; the C path rounds pieces
-            for p, state in zip(params, states, strict=True):
-                if specs is None or not _adam_native(p, state, group, self.decoupled, diag, specs):
-                    _adam_single(p, state, group, self.decoupled, diag, generator)
+            return
+        for p, state in zip(params, states, strict=True):
+            if backend != "native" or not _adam_native(p, state, group, self.decoupled, diag, specs):
+                _adam_single(p, state, group, self.decoupled, diag, generator)
 
 
 class KahanAdamW(_KahanAdamBase):
@@ -373,6 +376,15 @@ class KahanAdam(_KahanAdamBase):
     decoupled = False
 
 
+def correct_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded float32 square root, as IEEE 754 and the C step's ``sqrtf``
+    define it. torch's vectorized float32 ``sqrt`` is not: on an AVX2 CPU (torch 2.13, AMD
+    EPYC) 17% of random float32 inputs came out one ulp off. Its float64 ``sqrt`` is
+    within one ulp, and the square root of a float32 lies at least two float64 ulps away
+    from any point halfway between float32 values, so rounding that to float32 is exact."""
+    return v.double().sqrt_().float()
+
+
 def _adam_single(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], decoupled: bool, diag: bool,
                  generator: torch.Generator) -> None:
     """One tensor, one operation at a time: the definition the other paths match."""
@@ -385,7 +397,7 @@ def _adam_single(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], 
     m, v = state["exp_avg"], state["exp_avg_sq"]
     _q(m.mul_(h1).add_(g * (1 - h1)), mf)
     _q(v.mul_(h2).add_((g * g).mul_(1 - h2)), vf)
-    r = v.sqrt().add_(eps)
+    r = correct_sqrt(v).add_(eps)
     torch.div(m, r, out=r)
     if decay and decoupled:
         r.add_(w * decay)
@@ -429,7 +441,7 @@ def _adam_updates_foreach(ws: list[torch.Tensor], gs: list[torch.Tensor], states
     torch._foreach_add_(vs, squares)
     for v in vs:
         _q(v, vf)
-    r = torch._foreach_sqrt(vs)
+    r = [correct_sqrt(v) for v in vs]
     torch._foreach_add_(r, eps)
     r = torch._foreach_div(ms, r)
     if decay and decoupled:
@@ -440,21 +452,20 @@ def _adam_updates_foreach(ws: list[torch.Tensor], gs: list[torch.Tensor], states
 
 # --- C path ----------------------------------------------------------------------------------
 #
-# lpcli/_kernels.c carries _single_step over in C, operation for operation and with the same
-# quantizers as formats.quantize, in blocks that stay in cache: one pass over memory per
-# tensor. The default on the CPU where the kernels are built; stochastic rounding and
-# dynamic fixed point take the eager path. Adam's store is SGD's step without momentum,
-# with r = m / (sqrt(v) + eps) as the gradient and AdamW's decoupled decay as the decay.
+# lpcli/_kernels.c carries _single_step and _adam_single over in C, operation for operation
+# and with the same quantizers as formats.quantize, in blocks that stay in cache: one pass
+# over memory per tensor, the rule's update and the store (one store, shared by both rules)
+# block by block. The default on the CPU where the kernels are built; stochastic rounding
+# and dynamic fixed point take the per-tensor path.
 
-_KAHAN, _FLOAT_C, _MOMENTUM, _NESTEROV, _DECAY, _DIAG = 1, 2, 4, 8, 16, 32
-_CHUNK = 1 << 16  # elements: Adam's torch operations on six arrays of it stay in a 2 MiB L2 cache
+_KAHAN, _FLOAT_C, _MOMENTUM, _NESTEROV, _DECAY, _DIAG, _L2 = 1, 2, 4, 8, 16, 32, 64
 
 
-def _native_specs(group: dict[str, Any], momentum_format: Format) -> tuple[tuple, tuple, tuple] | None:
-    """The C kernels' specs of the weight, compensation and momentum formats, or None."""
+def _native_specs(group: dict[str, Any], *state_formats: Format) -> tuple[tuple, ...] | None:
+    """The C kernels' specs of the weight, compensation and state formats, or None."""
     if group["mode"] == "stochastic":
         return None
-    specs = tuple(native_spec(fmt) for fmt in (group["weight_format"], group["comp_format"], momentum_format))
+    specs = tuple(native_spec(fmt) for fmt in (group["weight_format"], group["comp_format"], *state_formats))
     return None if None in specs else specs
 
 
@@ -464,26 +475,27 @@ def _native_suits(*tensors: torch.Tensor | None) -> bool:
 
 
 def _native_flags(group: dict[str, Any], diag: bool, *, momentum: bool = False, nesterov: bool = False,
-                  decay: bool = False) -> int:
+                  decay: bool = False, l2: bool = False) -> int:
     kahan = group["mode"] == "kahan"
     return ((_KAHAN if kahan else 0) | (_FLOAT_C if kahan and isinstance(group["comp_format"], FloatFormat) else 0)
             | (_MOMENTUM if momentum else 0) | (_NESTEROV if nesterov else 0)
-            | (_DECAY if decay else 0) | (_DIAG if diag else 0))
+            | (_DECAY if decay else 0) | (_L2 if l2 else 0) | (_DIAG if diag else 0))
 
 
-def _native_call(tensors: tuple[torch.Tensor | None, ...], lr: float, momentum: float, decay: float, flags: int,
-                 specs: tuple[tuple, tuple, tuple], comp_range: tuple[float, float]) -> tuple[int, ...]:
-    """The C step over (w, g, m, c, intended), None where unused: (moved, lost, dropped,
-    saturated), see :data:`lpcli.store.COUNTERS`."""
+def _native_call(kernel: Callable, tensors: tuple[torch.Tensor | None, ...], scalars: tuple[float, ...], flags: int,
+                 specs: tuple[tuple, ...], group: dict[str, Any], state: dict[str, Any], diag: bool) -> None:
+    """``kernel(*tensors, n, *scalars, flags, *specs, c_lo, c_hi)`` over the tensors (None where
+    unused), split among torch's threads for large tensors; the counts go to the state."""
     addresses = [t.data_ptr() if t is not None else 0 for t in tensors]
-    wspec, cspec, mspec = specs
+    comp_range = compensation_range(group["comp_format"])
 
     def run(start: int, count: int) -> tuple[int, int, int, int]:
         at = [a + 4 * start if a else 0 for a in addresses]
-        return formats._kernels.step(*at, count, lr, momentum, decay, flags, wspec, cspec, mspec, *comp_range)
+        return kernel(*at, count, *scalars, flags, *specs, *comp_range)
 
     counts = in_pieces(run, tensors[0].numel())
-    return tuple(sum(c[i] for c in counts) for i in range(4))
+    if diag:
+        _set_counts(state, *(sum(c[i] for c in counts) for i in range(4)))
 
 
 def _set_counts(state: dict[str, Any], moved: int, lost: int, dropped: int = 0, clipped: int = 0) -> None:
@@ -496,55 +508,32 @@ def _set_counts(state: dict[str, Any], moved: int, lost: int, dropped: int = 0, 
 
 
 def _native_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], diag: bool,
-                 specs: tuple[tuple, tuple, tuple]) -> bool:
+                 specs: tuple[tuple, ...]) -> bool:
     """One tensor's SGD step in C; False (nothing done) where the tensors do not suit it."""
     tensors = (p.detach(), p.grad.detach(), state.get("momentum_buffer"), state.get("compensation"),
-               state.get("intended"))
+               state.get("intended") if diag else None)
     if not _native_suits(*tensors):
         return False
     flags = _native_flags(group, diag, momentum=bool(group["momentum"]), nesterov=group["nesterov"],
                           decay=bool(group["weight_decay"]))
-    if not diag:
-        tensors = (*tensors[:4], None)
-    counts = _native_call(tensors, group["lr"], group["momentum"], group["weight_decay"], flags, specs,
-                          compensation_range(group["comp_format"]))
-    if diag:
-        _set_counts(state, *counts)
+    scalars = (group["lr"], group["momentum"], group["weight_decay"])
+    _native_call(formats._kernels.sgd_step, tensors, scalars, flags, specs, group, state, diag)
     return True
 
 
 def _adam_native(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], decoupled: bool, diag: bool,
-                 specs: tuple[tuple, tuple, tuple]) -> bool:
-    """:func:`_adam_single`'s operations on pieces of ``_CHUNK`` elements that stay in the L2
-    cache (with one torch thread; whole tensors otherwise), ``r`` going to the C step as its
-    gradient. Every operation is elementwise, so the pieces change no bit. False (nothing
-    done) where the tensors do not suit it."""
-    w, g, m, v = p.detach(), p.grad.detach(), state["exp_avg"], state["exp_avg_sq"]
-    c, intended = state.get("compensation"), state.get("intended") if diag else None
-    if not _native_suits(w, g, m, v, c, intended):
+                 specs: tuple[tuple, ...]) -> bool:
+    """One tensor's Adam or AdamW step in C, :func:`_adam_single`'s operations in one pass
+    over memory; False (nothing done) where the tensors do not suit it."""
+    tensors = (p.detach(), p.grad.detach(), state["exp_avg"], state["exp_avg_sq"], state.get("compensation"),
+               state.get("intended") if diag else None)
+    if not _native_suits(*tensors):
         return False
-    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-    mf, vf = group["moment_formats"]
+    decay = group["weight_decay"]
     h1, h2 = (debiased_beta(beta, state["step"]) for beta in group["betas"])
-    flags = _native_flags(group, diag, decay=bool(decay and decoupled))
-    n = w.numel()
-    chunk = _CHUNK if torch.get_num_threads() == 1 else n
-    flat = [t.view(-1) if t is not None else None for t in (w, g, m, v, c, intended)]
-    scratch = torch.empty((2 if decay and not decoupled else 1, min(n, chunk)))
-    totals = [0, 0, 0, 0]
-    comp_range = compensation_range(group["comp_format"])
-    for start in range(0, n, chunk):
-        ww, gg, mm, vv, cc, ii = (t[start:start + chunk] if t is not None else None for t in flat)
-        r = scratch[0, :ww.numel()]
-        if decay and not decoupled:
-            gg = torch.add(gg, torch.mul(ww, decay, out=scratch[1, :ww.numel()]), out=scratch[1, :ww.numel()])
-        _q(mm.mul_(h1).add_(torch.mul(gg, 1 - h1, out=r)), mf)
-        _q(vv.mul_(h2).add_(torch.mul(gg, gg, out=r).mul_(1 - h2)), vf)
-        torch.div(mm, torch.sqrt(vv, out=r).add_(eps), out=r)
-        counts = _native_call((ww, r, None, cc, ii), lr, 0.0, decay if decoupled else 0.0, flags, specs, comp_range)
-        totals = [a + b for a, b in zip(totals, counts, strict=True)]
-    if diag:
-        _set_counts(state, *totals)
+    flags = _native_flags(group, diag, decay=bool(decay and decoupled), l2=bool(decay and not decoupled))
+    scalars = (group["lr"], decay, h1, 1 - h1, h2, 1 - h2, group["eps"])
+    _native_call(formats._kernels.adam_step, tensors, scalars, flags, specs, group, state, diag)
     return True
 
 

@@ -111,6 +111,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.diagnostics_on = diagnostics
         self.foreach = foreach
+        self._backends: dict[int, tuple[tuple, str, Any]] = {}
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else None
         if generator is None:
             if seed is None:
@@ -151,6 +152,31 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """One group's step over its tensors that have a gradient: the update rule's."""
         raise NotImplementedError
+
+    def _backend(self, group: dict[str, Any], device: torch.device) -> tuple[str, Any]:
+        """The path of a group's steps and what it needs (the C kernels' format specs),
+        decided at the group's first step and again only when its device or a setting other
+        than ``lr`` changes: ``"foreach"`` (``foreach=True``; the default on CUDA), ``"native"`` (the C
+        kernels: the default on the CPU where they are built and the formats allow),
+        ``"per-tensor"`` or a rule's own (:meth:`_choose_backend`). A tensor that does not
+        suit the C kernels (not contiguous float32) takes the per-tensor path alone."""
+        key = (device.type, *((k, repr(v)) for k, v in group.items() if k not in ("params", "lr")))
+        cached = self._backends.get(id(group))
+        if cached is None or cached[0] != key:
+            cached = self._backends[id(group)] = (key, *self._choose_backend(group, device))
+        return cached[1], cached[2]
+
+    def _choose_backend(self, group: dict[str, Any], device: torch.device) -> tuple[str, Any]:
+        if self.foreach or (self.foreach is None and device.type == "cuda"):
+            return "foreach", None
+        if self.foreach is None and device.type == "cpu" and (specs := self._native_specs(group)) is not None:
+            return "native", specs
+        return "per-tensor", None
+
+    def _native_specs(self, group: dict[str, Any]) -> tuple | None:
+        """The C kernels' specs of the group's formats (weight, compensation, the rule's
+        state), or None where they do not apply."""
+        return None
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if not group["lr"] > 0:

@@ -240,6 +240,18 @@ def test_fixed_point_trajectory_matches_float64_reference(cls, decay, mfs, kahan
     assert not np.array_equal(ref_w, q_fixed(w0, wf))
 
 
+def test_square_root_is_correctly_rounded():
+    """Against NumPy's float64 sqrt (IEEE, correctly rounded) rounded once to float32, which
+    is the correctly rounded float32 result; over random bit patterns of every positive
+    finite float32, subnormals included."""
+    from lpcli.optim import correct_sqrt
+
+    bits = np.random.default_rng(3).integers(0, 0x7F800000, size=2_000_000, dtype=np.int64).astype(np.int32)
+    x = np.concatenate([bits.view(np.float32), np.float32([0.0, 1.0, 4.0, 2.0, np.finfo(np.float32).max])])
+    expected = np.sqrt(x.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(correct_sqrt(torch.from_numpy(x)).numpy().view(np.int32), expected.view(np.int32))
+
+
 def test_moments_start_at_the_gradients_scale():
     """The bias correction folded into the betas: after step 1, m = g and v = g * g exactly."""
     p = torch.nn.Parameter(torch.zeros(1000))
@@ -287,15 +299,14 @@ def test_paths_bit_identical_for_each_option(options):
         assert_same_run(spec, _run(cls, "fx10.6", "kahan", foreach=None, **options))
 
 
-def test_c_path_bit_identical_in_pieces_and_on_several_threads(monkeypatch):
-    """One thread: the C path works on pieces of _CHUNK elements (here 1000, so that tensors end
-    mid-piece); several: on whole tensors, the C store split among threads."""
-    from lpcli import formats, optim
+def test_c_path_bit_identical_on_several_threads(monkeypatch):
+    """One thread: the C step over whole tensors; several: each tensor split among the threads
+    (pieces of 1000 elements here, so that pieces end inside the kernel's blocks)."""
+    from lpcli import formats
 
     if formats._kernels is None:
         pytest.skip("the C kernels are not built")
     spec = _run(KahanAdamW, "bf16", "kahan", "bf16", foreach=False)
-    monkeypatch.setattr(optim, "_CHUNK", 1000)
     monkeypatch.setattr(formats, "_PIECE", 1000)
     threads = torch.get_num_threads()
     try:
