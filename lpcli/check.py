@@ -20,9 +20,10 @@ from .data import Dataset, balanced_accuracy, batch_indices
 from .distributed import World, all_sum
 from .errors import InputError, Interrupted
 from .models import run_model, user_model
+from .paired import PairedCounts, loss_interval, needed_for, verdict_status
 from .plan import Plan
 from .recipe import Recipe, load_recipe
-from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary, Verdict
+from .results import LOSS_EVERY, CheckReport, DataSummary, Location, RunSummary, SeedResult, Verdict
 from .simulate import NonFiniteWatch, Simulator
 from .simulation import Simulation, resolve
 from .stats import Progress, prepare_run
@@ -55,12 +56,14 @@ class _RunResult:
     summary: RunSummary
     diagnostics: dict[str, Any] | None = None  # low-precision runs: Simulation.diagnostics()
     kept_fp32: list[str] | None = None
+    correct: torch.Tensor | None = None  # per test example, on the CPU; None when the run diverged
 
 
 def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = None, *, tolerance: float = 1.0,
                 seed: int | None = None, steps: int | None = None, plan_source: str = "plan",
                 progress: Progress | None = None, data: Dataset | None = None,
-                stochastic: bool = False, device: str | torch.device = "cpu") -> CheckReport:
+                stochastic: bool = False, device: str | torch.device = "cpu",
+                seeds: int | None = None) -> CheckReport:
     """Run the three trainings (four with ``stochastic``) and return the report (see the README).
 
     ``recipe`` is a loaded :class:`Recipe`, a path or a bundled recipe's name; without
@@ -68,6 +71,11 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
     ``"stochastic"``: plain low-precision SGD whose weight update rounds stochastically
     (seeded from ``seed``), the usual alternative to Kahan. Ctrl-C raises
     :class:`lpcli.errors.Interrupted`, which says what had finished.
+
+    ``seeds`` (default: the recipe's ``check.seeds``, else 1) repeats the runs with the
+    training seeds ``seed, seed + 1, ...`` (model initialisation, batch order) on the same
+    data; the verdict pools their paired counts, the runs and diagnostics reported are the
+    first seed's.
 
     ``device``: ``"cpu"`` (default), ``"cuda"`` (``"cuda:N"``) or ``"auto"`` (CUDA when
     available); model, data, optimizer state and counters all live there. Started by
@@ -87,21 +95,18 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
                          source=recipe.source)
     plan = distributed.broadcast_object(plan, world)
     steps = recipe.training.steps if steps is None else steps
-    setup = _prepare(recipe, plan, plan_source, seed, steps, data, device, world, progress)
-
+    seeds = recipe.check_seeds if seeds is None else seeds
+    first = recipe.training.seed if seed is None else seed
     started = time.perf_counter()
-    results: dict[str, _RunResult] = {}
-    seconds: dict[str, float] = {}
-    for run in (*RUNS, "stochastic") if stochastic else RUNS:
-        t0 = time.perf_counter()
-        setup.model.load_state_dict(setup.initial)
-        try:
-            with distributed.ieee_fp32(device):
-                results[run] = _train(run, setup)
-        except Interrupted as stop:
-            stop.finished = {name: result.summary.test_accuracy for name, result in results.items()}
-            raise
-        seconds[run] = time.perf_counter() - t0
+    outcomes: list[tuple[_Setup, dict[str, _RunResult], dict[str, float]]] = []
+    for number in range(seeds):
+        labelled = progress if seeds == 1 or progress is None else _seed_progress(progress, number, seeds)
+        setup = _prepare(recipe, plan, plan_source, first + number, steps, data, device, world, labelled)
+        data = setup.data  # loaded once
+        outcomes.append((setup, *_runs(setup, stochastic, outcomes)))
+    setup, results, seconds = outcomes[0]
+    if seeds > 1:
+        seconds = {run: sum(o[2].get(run, 0.0) for o in outcomes) for run in seconds}
     seconds["total"] = time.perf_counter() - started
 
     fp32 = results["fp32"].summary.test_accuracy
@@ -123,9 +128,34 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         diagnostics=diagnostics,
         softmax={run: r.diagnostics["softmax"] for run, r in results.items() if r.diagnostics is not None},
         kept_fp32=results["kahan"].kept_fp32 or [],
-        verdict=_verdict(runs, tolerance),
+        verdict=paired_verdict([(o[0].seed, o[1]["fp32"], o[1]["kahan"]) for o in outcomes], tolerance),
         seconds=seconds,
     )
+
+
+def _seed_progress(progress: Progress, number: int, seeds: int) -> Progress:
+    return lambda task, done, total: progress(f"{task} (seed {number + 1}/{seeds})", done, total)
+
+
+def _runs(setup: _Setup, stochastic: bool,
+          earlier: list[tuple[_Setup, dict[str, _RunResult], dict[str, float]]]) -> tuple[dict[str, _RunResult],
+                                                                                          dict[str, float]]:
+    """The runs of one seed, from the same initial weights; an interruption says what had
+    finished (the first seed's accuracies once it is complete)."""
+    results: dict[str, _RunResult] = {}
+    seconds: dict[str, float] = {}
+    for run in (*RUNS, "stochastic") if stochastic else RUNS:
+        t0 = time.perf_counter()
+        setup.model.load_state_dict(setup.initial)
+        try:
+            with distributed.ieee_fp32(setup.data.x_train.device):
+                results[run] = _train(run, setup)
+        except Interrupted as stop:
+            done = earlier[0][1] if earlier else results
+            stop.finished = {name: result.summary.test_accuracy for name, result in done.items()}
+            raise
+        seconds[run] = time.perf_counter() - t0
+    return results, seconds
 
 
 def _prepare(recipe: Recipe, plan: Plan, plan_source: str, seed: int | None, steps: int, data: Dataset | None,
@@ -152,18 +182,36 @@ def _gap(fp32: float | None, accuracy: float | None) -> float | None:
     return None if fp32 is None or accuracy is None else fp32 - accuracy
 
 
-def _verdict(runs: dict[str, RunSummary], tolerance: float) -> Verdict:
-    fp32, kahan = runs["fp32"], runs["kahan"]
-    if fp32.diverged:
-        return Verdict(False, tolerance, f"the fp32 run {fp32.divergence()}: the recipe itself does not train "
-                       f"(lower the learning rate)")
-    if kahan.diverged:
-        return Verdict(False, tolerance, f"the Kahan run {kahan.divergence()}")
-    gap = kahan.gap_to_fp32
-    side = "below" if gap >= 0 else "above"
-    return Verdict(gap * 100 <= tolerance, tolerance,
-                   f"Kahan low-precision accuracy {kahan.test_accuracy:.2%} is {abs(gap) * 100:.2f} points {side} "
-                   f"fp32 {fp32.test_accuracy:.2%} (tolerance {tolerance:g})")
+def paired_verdict(outcomes: list[tuple[int, _RunResult, _RunResult]], tolerance: float) -> Verdict:
+    """The verdict on (seed, fp32 run, Kahan run) triples: their paired test counts pooled."""
+    seeds = []
+    for seed, fp32, kahan in outcomes:
+        for name, run in (("fp32", fp32), ("Kahan", kahan)):
+            if run.summary.diverged:
+                why = ": the recipe itself does not train (lower the learning rate)" if name == "fp32" else ""
+                seed_note = f" (seed {seed})" if len(outcomes) > 1 else ""
+                return Verdict("failed", tolerance, f"the {name} run{seed_note} {run.summary.divergence()}{why}",
+                               seeds=tuple(seeds))
+        seeds.append(SeedResult(seed, fp32.summary.test_accuracy, kahan.summary.test_accuracy,
+                                PairedCounts.from_predictions(fp32.correct, kahan.correct)))
+    counts = sum(s.counts for s in seeds)
+    lower, upper = (100 * bound for bound in loss_interval(counts))
+    status = verdict_status(counts, tolerance)
+    n = counts.n
+    fp32_acc = (counts.both + counts.reference_only) / n
+    kahan_acc = (counts.both + counts.other_only) / n
+    pooled = f" over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    reason = (f"Kahan {kahan_acc:.2%} vs fp32 {fp32_acc:.2%} on {n} test predictions{pooled}: "
+              f"{counts.reference_only} lost, {counts.other_only} gained; loss {float(counts.loss) * 100:.2f} points, "
+              f"95% interval [{lower:.2f}, {upper:.2f}] against tolerance {tolerance:g}")
+    needed = None
+    if status == "inconclusive":
+        needed = needed_for(counts, tolerance)
+        more = (f"about {needed}x as many test predictions (more test examples, or {needed * len(seeds)} seeds "
+                f"pooled) would settle it at the observed rates") if needed else (
+                "the observed loss sits on the tolerance: more evidence would not settle it")
+        reason += f"; {more}"
+    return Verdict(status, tolerance, reason, counts, (lower, upper), tuple(seeds), needed)
 
 
 def _train(run: str, setup: _Setup) -> _RunResult:
@@ -184,9 +232,11 @@ def _train(run: str, setup: _Setup) -> _RunResult:
     try:
         curve = _steps(run, optimizer, loss_fn, setup)
         if simulation is None:
+            if curve["diverged_at"] is not None:
+                return _RunResult(RunSummary(**UNTESTED, **curve))
             with user_model(setup.recipe.source, setup.recipe.model_label):
-                tested = _evaluate_fp32(model, setup.data) if curve["diverged_at"] is None else UNTESTED
-            return _RunResult(RunSummary(**tested, **curve))
+                tested, predictions = _evaluate_fp32(model, setup.data)
+            return _RunResult(RunSummary(**tested, **curve), correct=_correct(predictions, setup.data))
         if setup.world.distributed:
             _sum_counts(simulation.simulator, setup.world, setup.data.x_train.device)
         diagnostics = simulation.diagnostics()
@@ -196,12 +246,13 @@ def _train(run: str, setup: _Setup) -> _RunResult:
             tested = _test_summary(evaluation.accuracy, evaluation.accuracy_fp32_logits, evaluation.loss,
                                    evaluation.predictions, setup.data)
             diagnostics["softmax"]["test_rows_tied"] = evaluation.tied_rows
+            correct = _correct(evaluation.predictions, setup.data)
         else:
-            tested = UNTESTED
+            tested, correct = UNTESTED, None
             diagnostics["softmax"]["test_rows_tied"] = None
         summary = RunSummary(**tested, **curve, low_precision=True,
                              weights_saturated_at_start=optimizer.initial_saturated)
-        return _RunResult(summary, diagnostics, simulation.kept_fp32())
+        return _RunResult(summary, diagnostics, simulation.kept_fp32(), correct)
     finally:
         gradient_sum.remove()
         if simulation is not None:
@@ -264,14 +315,19 @@ def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> Non
     simulator.target_error_counts = joined[-2:].clone()
 
 
+def _correct(predictions: torch.Tensor, data: Dataset) -> torch.Tensor:
+    return (predictions == data.y_test).cpu()
+
+
 @torch.no_grad()
-def _evaluate_fp32(model: nn.Module, data: Dataset) -> dict[str, Any]:
+def _evaluate_fp32(model: nn.Module, data: Dataset) -> tuple[dict[str, Any], torch.Tensor]:
     model.eval()
     logits = model(data.x_test)
     model.train()
     predictions = logits.argmax(dim=1)
     accuracy = float((predictions == data.y_test).float().mean())
-    return _test_summary(accuracy, accuracy, float(F.cross_entropy(logits, data.y_test)), predictions, data)
+    return _test_summary(accuracy, accuracy, float(F.cross_entropy(logits, data.y_test)), predictions,
+                         data), predictions
 
 
 def _test_summary(accuracy: float, fp32_logits: float, loss: float, predictions: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,8 @@ from .formats import ALIASES, FormatError, parse_format
 from .plan import Plan, plan_from_document
 from .recipe import Recipe, bundled_recipes, load_recipe
 from .recommend import Rules, RulesError, recommend
-from .report import render_check, render_plan, render_stats
+from .report import STATUS_MARK, render_check, render_plan, render_stats
+from .results import STATUS_EXIT
 from .stats import analyze, validate_stats
 
 try:  # typer >= 0.20 carries click's exceptions under its own base class
@@ -65,10 +67,15 @@ RecipeArg = Annotated[str | None, typer.Argument(
     help="Recipe YAML file, or the name of a bundled recipe "
          f"({', '.join(bundled_recipes())}). Default: digits-mlp.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (where stderr is not a "
+                                        "terminal, a progress line every 10 s otherwise).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where to run: cpu, cuda (cuda:N) or auto (cuda when "
                                         "available, else cpu).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed (default: the recipe's).",
                                                 show_default=False)]
+SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, max=100, help="Repeat the runs with this many "
+                                              "training seeds and pool their paired counts (default: the "
+                                              "recipe's check.seeds, else 1).", show_default=False)]
 FullOpt = Annotated[bool, typer.Option("--full", help="Show every layer (and every reason) in the tables; "
                                        "without it, long models show the 12 layers that matter most.")]
 
@@ -95,21 +102,45 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines where stderr is not a terminal
+
+
 @contextmanager
-def progress_bar(enabled: bool) -> Iterator[Callable[..., None] | None]:
-    """A rich progress bar on a terminal's stderr; nothing otherwise."""
-    if not enabled or not stderr.is_terminal:
+def progress_bar(bar: bool, quiet: bool = False) -> Iterator[Callable[..., None] | None]:
+    """Progress on stderr: a rich bar on a terminal (``bar``: the human output), a line every
+    ``PROGRESS_EVERY`` seconds where stderr is not a terminal (a log, CI); nothing when
+    ``quiet``."""
+    if quiet:
+        yield None
+        return
+    if not stderr.is_terminal:
+        yield _progress_lines()
+        return
+    if not bar:
         yield None
         return
     with Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=stderr, transient=True) as bar:
+                  console=stderr, transient=True) as rich_bar:
         tasks: dict[str, Any] = {}
 
         def update(name: str, done: int, total: int) -> None:
             if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done)
+                tasks[name] = rich_bar.add_task(name, total=total)
+            rich_bar.update(tasks[name], completed=done)
         yield update
+
+
+def _progress_lines() -> Callable[[str, int, int], None]:
+    started = last = time.monotonic()
+
+    def update(name: str, done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY:
+            last = now
+            sys.stderr.write(f"lpcli: {name}: step {done}/{total}, {now - started:.0f} s elapsed\n")
+            sys.stderr.flush()
+    return update
 
 
 def check_output(path: Path | None) -> None:
@@ -133,8 +164,9 @@ def emit(doc: dict[str, Any], as_json: bool, output: Path | None, render: Callab
         stdout.print(f"wrote {what} to {output}")
 
 
-def _stats_for(recipe: Recipe, seed: int | None, show_progress: bool, device: str = "cpu") -> dict[str, Any]:
-    with progress_bar(show_progress) as progress:
+def _stats_for(recipe: Recipe, seed: int | None, show_progress: bool, device: str = "cpu",
+               quiet: bool = False) -> dict[str, Any]:
+    with progress_bar(show_progress, quiet) as progress:
         return analyze(recipe, seed=seed, progress=progress, device=device)
 
 
@@ -147,12 +179,13 @@ def analyze_command(
                                                  "training.analyze_steps, 50).", show_default=False)] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "cpu",
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a few fp32 steps with hooks and write per-layer statistics (the input of recommend)."""
     check_output(output)
     loaded = load_recipe(recipe)
-    with progress_bar(not as_json and is_main_process()) as progress:
+    with progress_bar(not as_json, quiet or not is_main_process()) as progress:
         doc = analyze(loaded, steps=steps, seed=seed, progress=progress, device=device)
     if is_main_process():
         emit(doc, as_json, output, lambda: render_stats(doc, stdout), "stats")
@@ -179,14 +212,14 @@ RULE_OPTIONS = {"family": "--family", "range_from": "--range", "widths": "--widt
 
 def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,
           show_progress: bool, stats_out: dict[str, Any] | None = None,
-          device: str = "cpu") -> tuple[Plan, Recipe | None]:
+          device: str = "cpu", quiet: bool = False) -> tuple[Plan, Recipe | None]:
     """The recommended plan and the recipe (None for a stats file alone); ``stats_out``
     receives the stats the plan came from."""
     recipe = load_recipe(recipe_arg) if recipe_arg is not None or stats_path is None else None
     if stats_path is not None:
         stats = validate_stats(read_document(stats_path), str(stats_path))
     else:
-        stats = _stats_for(recipe, seed, show_progress, device)
+        stats = _stats_for(recipe, seed, show_progress, device, quiet)
     if stats_out is not None:
         stats_out.update(stats)
     precision = recipe.precision if recipe is not None else None
@@ -218,15 +251,19 @@ def recommend_command(
                                          "is outside the tolerance, widen what the diagnostics blame and retry "
                                          "(needs a recipe).")] = False,
     rounds: Annotated[int, typer.Option(min=1, max=8, help="--verify: at most this many widening rounds.")] = 4,
-    tolerance: Annotated[float, typer.Option(min=0.0, help="--verify: pass when the Kahan run is within this "
-                                             "many points of fp32.")] = 1.0,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="--verify: pass when the Kahan run's accuracy "
+                                             "loss against fp32 is within this many points (the upper bound of "
+                                             "its 95% interval).")] = 1.0,
+    seeds: SeedsOpt = None,
     seed: SeedOpt = None,
     full: FullOpt = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Recommend a format for every layer and tensor, each with its reason, and the softmax widths.
 
-    With --verify, exits 0 when the final plan passes train-check, 1 when not.
+    With --verify, exits by the final verdict on the test set: 0 passed, 1 failed,
+    3 inconclusive (the test set cannot tell).
     """
     check_output(output)
     if verify and recipe is None and stats is not None:
@@ -234,39 +271,45 @@ def recommend_command(
                          "checked): give RECIPE too")
     rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin)
     used: dict[str, Any] = {}
-    plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used)
+    plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used, quiet=quiet)
     if not verify:
         emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout, full), "plan")
         return
     from .verify import verify as verify_plan
 
     assert loaded is not None
-    with progress_bar(not as_json) as progress:
+    with progress_bar(not as_json, quiet) as progress:
         plan, section = verify_plan(loaded, plan, used, tolerance=tolerance, rounds=rounds, max_bits=rules.widest,
-                                    seed=seed, progress=progress)
+                                    seed=seed, seeds=seeds, progress=progress)
     doc = {**plan.document(), "verify": section}
     emit(doc, as_json, output, lambda: (render_plan(plan, stdout, full), _render_verify(section)), "plan")
-    if not section["passed"]:
-        raise typer.Exit(1)
+    raise typer.Exit(STATUS_EXIT[section["final"]["status"]])
 
 
 def _render_verify(section: dict[str, Any]) -> None:
-    """One line per verify round (accuracy gap, bits) and what it widened, then the verdict."""
+    """One line per verify round on the validation split (verdict, bits) and what it
+    widened, then the final verdict on the test set."""
+    validation = section["validation"]
+    stdout.print(f"verify: widening decided on {validation['examples']} of the {validation['of_training_examples']} "
+                 "training examples held out; the final verdict on the test set", highlight=False)
     for entry in section["rounds"]:
-        gap = "diverged" if entry["gap_points"] is None else f"gap {entry['gap_points']:+.2f} pt"
-        stdout.print(f"verify round {entry['round']}: Kahan {_acc(entry['kahan_accuracy'])} vs fp32 "
-                     f"{_acc(entry['fp32_accuracy'])} ({gap}), {entry['overall_bits']:.2f} bits/element "
-                     f"({entry['vs_16bit']:.0%} of 16-bit): {'passed' if entry['passed'] else 'failed'}",
-                     highlight=False)
+        stdout.print(f"round {entry['round']} (validation): {_outcome_line(entry)}", highlight=False)
         for c in entry["widened"]:
             stdout.print(f"  widen {c['layer']} {c['tensor']}: {c['from']} -> {c['to']} ({c['why']})", highlight=False)
         if entry.get("stopped"):
             stdout.print(f"  stopped: {entry['stopped']}", highlight=False)
     final = section["final"]
-    mark = "[bold green]PASSED[/]" if final["passed"] else "[bold red]FAILED[/]"
-    stdout.print(f"{mark} after {section['widenings']} widening round(s): {final['verdict']}; final plan "
-                 f"{final['overall_bits']:.2f} bits per stored element, {final['vs_16bit']:.0%} of uniform 16-bit",
-                 highlight=False)
+    stdout.print(f"{STATUS_MARK[final['status']]} on the test set after {section['widenings']} widening round(s): "
+                 f"{final['verdict']}; final plan {final['overall_bits']:.2f} bits per stored element, "
+                 f"{final['vs_16bit']:.0%} of uniform 16-bit", highlight=False)
+
+
+def _outcome_line(entry: dict[str, Any]) -> str:
+    gap = "diverged" if entry["gap_points"] is None else f"gap {entry['gap_points']:+.2f} pt"
+    interval = "" if entry["loss_interval"] is None else (
+        f", loss interval [{entry['loss_interval'][0]:.2f}, {entry['loss_interval'][1]:.2f}]")
+    return (f"Kahan {_acc(entry['kahan_accuracy'])} vs fp32 {_acc(entry['fp32_accuracy'])} ({gap}{interval}), "
+            f"{entry['overall_bits']:.2f} bits/element ({entry['vs_16bit']:.0%} of 16-bit): {entry['status']}")
 
 
 def _acc(value: float | None) -> str:
@@ -281,8 +324,10 @@ def train_check_command(
                                                       "without it one is recommended first.",
                                                       show_default=False)] = None,
     output: _output_opt("report") = None,
-    tolerance: Annotated[float, typer.Option(min=0.0, help="Pass when the Kahan run's test accuracy is within "
-                                             "this many points of fp32.")] = 1.0,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Pass when the Kahan run's accuracy loss against "
+                                             "fp32 is within this many points: the upper bound of its 95% "
+                                             "interval (paired, pooled over the seeds).")] = 1.0,
+    seeds: SeedsOpt = None,
     weight_bits: Annotated[int | None, typer.Option(min=2, max=24, help="Probe: every weight format at this "
                                                        "width (same range, fewer or more fraction bits).",
                                                        show_default=False)] = None,
@@ -303,11 +348,15 @@ def train_check_command(
     seed: SeedOpt = None,
     device: DeviceOpt = "cpu",
     full: FullOpt = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train fp32, plain low-precision SGD and Kahan low-precision SGD side by side and report the diagnostics.
 
-    Exits 0 when the Kahan run is within the tolerance of fp32, 1 when not.
+    Exits by the verdict: 0 passed (the upper bound of the 95% interval of the accuracy
+    loss is within the tolerance), 1 failed (its lower bound is above it, or a run
+    diverged), 3 inconclusive (the test set cannot tell; the verdict says how much more
+    evidence would). Exit 2 is bad input.
     """
     check_output(output)
     from .check import train_check
@@ -321,16 +370,16 @@ def train_check_command(
     if plan_path is not None:
         plan = plan_from_document(read_document(plan_path), str(plan_path))
     else:
-        plan, _ = _plan(recipe, None, Rules(), seed, not as_json and main, device=device)
+        plan, _ = _plan(recipe, None, Rules(), seed, not as_json, device=device, quiet=quiet or not main)
         plan = Plan(**{**plan.__dict__, "reasons": {}})
     for tensor, width in (("weight", weight_bits), ("activation", activation_bits), ("error", error_bits),
                           ("weight_grad", grad_bits)):
         if width is not None:
             plan = plan.with_fraction_bits(tensor, width)
-    with progress_bar(not as_json and main) as progress:
+    with progress_bar(not as_json, quiet or not main) as progress:
         report = train_check(loaded, plan, tolerance=tolerance, seed=seed, steps=steps,
                              plan_source=str(plan_path or "plan"), progress=progress, stochastic=stochastic,
-                             device=device)
+                             device=device, seeds=seeds)
     if main:
         emit(report.document(), as_json, output, lambda: render_check(report, stdout, full), "report")
         if plot is not None:
@@ -339,8 +388,7 @@ def train_check_command(
             figures = plot_check(report, plot) + plot_plan(report.plan, plot)
             if not as_json:
                 stdout.print(f"wrote {len(figures)} figures to {plot}: {', '.join(f.name for f in figures)}")
-    if not report.verdict.passed:
-        raise typer.Exit(1)
+    raise typer.Exit(report.verdict.exit_code)
 
 
 @app.command("formats")

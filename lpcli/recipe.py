@@ -14,7 +14,8 @@ from .models import validate_model_spec
 from .plan import TENSORS
 from .schema import Fields
 
-RECIPE_KEYS = ("model", "data", "training", "precision", "description")
+RECIPE_KEYS = ("model", "data", "training", "precision", "check", "description")
+CHECK_KEYS = ("seeds",)
 TRAINING_KEYS = ("optimizer", "lr", "momentum", "betas", "eps", "weight_decay", "batch_size", "steps", "seed",
                  "analyze_steps", "schedule", "warmup_steps", "min_lr", "step_every", "gamma")
 OPTIMIZERS = ("sgd", "adam", "adamw")  # adam: L2 decay added to the gradient; adamw: decoupled decay
@@ -66,6 +67,7 @@ class Recipe:
     training: Training
     precision: Precision
     base_dir: Path
+    check_seeds: int = 1  # train-check pools its paired verdict over this many seeds by default
 
     @property
     def model_label(self) -> str:
@@ -121,6 +123,7 @@ def load_recipe(recipe: str | Path | None = None) -> Recipe:
         training=training,
         precision=_precision(top.section("precision", PRECISION_KEYS)),
         base_dir=path.parent,
+        check_seeds=top.section("check", CHECK_KEYS).integer("seeds", 1, low=1, high=100),
     )
 
 

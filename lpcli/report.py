@@ -175,8 +175,23 @@ def render_check(report: CheckReport, console: Console, full: bool = False) -> N
         console.print("left in float32 (not simulated):", highlight=False)
         for item in report.kept_fp32:
             console.print(f"  - {item}", highlight=False, overflow="fold")
-    mark = "[bold green]PASSED[/]" if report.verdict.passed else "[bold red]FAILED[/]"
-    console.print(f"{mark}: {report.verdict.reason}", highlight=False)
+    if len(report.verdict.seeds) > 1:
+        _render_seeds(report, console)
+    console.print(f"{STATUS_MARK[report.verdict.status]}: {report.verdict.reason}", highlight=False)
+
+
+STATUS_MARK = {"passed": "[bold green]PASSED[/]", "failed": "[bold red]FAILED[/]",
+               "inconclusive": "[bold yellow]INCONCLUSIVE[/]"}
+
+
+def _render_seeds(report: CheckReport, console: Console) -> None:
+    table = Table(title="Seeds (the runs above are the first; the verdict pools all)", title_justify="left")
+    for col in ("seed", "fp32", "Kahan", "lost", "gained"):
+        table.add_column(col, justify="left" if col == "seed" else "right")
+    for s in report.verdict.seeds:
+        lost, gained = ("-", "-") if s.counts is None else (str(s.counts.reference_only), str(s.counts.other_only))
+        table.add_row(str(s.seed), _pct(s.fp32_accuracy, 2), _pct(s.kahan_accuracy, 2), lost, gained)
+    console.print(table)
 
 
 def _render_runs(report: CheckReport, console: Console) -> None:

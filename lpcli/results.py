@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .paired import PairedCounts
 from .plan import Plan
 from .recipe import Training
 
@@ -94,14 +95,73 @@ def training_document(t: Training) -> dict[str, Any]:
     return doc
 
 
+STATUS_EXIT = {"passed": 0, "failed": 1, "inconclusive": 3}  # exit 2 stays bad input
+INTERVAL_METHOD = "Newcombe's hybrid score interval for paired proportions (method 10), 95%"
+
+
 @dataclass(frozen=True)
-class Verdict:
-    passed: bool
-    tolerance_points: float
-    reason: str
+class SeedResult:
+    """One seed's paired outcome: its test accuracies and its 2x2 table."""
+
+    seed: int
+    fp32_accuracy: float | None
+    kahan_accuracy: float | None
+    counts: PairedCounts | None  # None when a run diverged
 
     def document(self) -> dict[str, Any]:
-        return {"passed": self.passed, "tolerance_points": self.tolerance_points, "reason": self.reason}
+        doc: dict[str, Any] = {"seed": self.seed, "fp32_accuracy": self.fp32_accuracy,
+                               "kahan_accuracy": self.kahan_accuracy}
+        if self.counts is not None:
+            doc["discordant"] = _discordant(self.counts)
+        return doc
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Is the Kahan run's accuracy loss against fp32 within the tolerance? Decided on the
+    paired counts (:mod:`lpcli.paired`) pooled over ``seeds``: ``passed`` when the upper
+    bound of the 95% interval of the loss is at most the tolerance, ``failed`` when its
+    lower bound is above it (or a run diverged), ``inconclusive`` otherwise, with
+    ``needed`` the factor of test examples (or seeds) that would settle it at the observed
+    rates (None: none within 1000)."""
+
+    status: str
+    tolerance_points: float
+    reason: str
+    counts: PairedCounts | None = None
+    interval_points: tuple[float, float] | None = None  # the loss fp32 - Kahan, in accuracy points
+    seeds: tuple[SeedResult, ...] = ()
+    needed: int | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def exit_code(self) -> int:
+        return STATUS_EXIT[self.status]
+
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"status": self.status, "passed": self.passed, "tolerance_points": self.tolerance_points,
+                               "reason": self.reason}
+        if self.counts is not None:
+            c = self.counts
+            doc.update({
+                "test_examples": c.n,
+                "discordant": _discordant(c),
+                "concordant": {"both_right": c.both, "both_wrong": c.neither},
+                "loss_points": float(c.loss) * 100,
+                "loss_interval": list(self.interval_points),
+                "interval_method": INTERVAL_METHOD,
+            })
+        if self.status == "inconclusive":
+            doc["evidence_needed"] = self.needed
+        doc["seeds"] = [s.document() for s in self.seeds]
+        return doc
+
+
+def _discordant(c: PairedCounts) -> dict[str, int]:
+    return {"fp32_only": c.reference_only, "kahan_only": c.other_only}
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,10 @@ example passes with 6% lost mass, 3% error underflow and 17% saturated logits (c
 far below the top one); the bundled recipes' recommended plans pass with up to 41% of
 logits saturated and 87% of non-target errors flushed, so the softmax alarms are weak.
 
-The loop stops at the first passing plan, after ``rounds`` widenings, or when nothing
-can be widened within the bit limit, and says which.
+The widening decisions are made on a validation split held out of the training examples;
+the loop stops at the first verdict there that is not ``failed`` (passed, or inconclusive:
+the split cannot tell), after ``rounds`` widenings, or when nothing can be widened within
+the bit limit, and says which. The final verdict is one more check on the test set.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from .check import train_check
 from .data import Dataset, load_data
@@ -165,35 +169,43 @@ def widen(plan: Plan, widenings: list[Widening], max_bits: int = 24) -> tuple[Pl
     return replace(plan, layers=layers, softmax_input=softmax["input"], softmax_error=softmax["error"]), changes
 
 
+VALIDATION_FRACTION = 0.2  # of the training examples, held out for the widening decisions
+
+
+def validation_split(data: Dataset, fraction: float = VALIDATION_FRACTION, seed: int = 0) -> Dataset:
+    """``data`` with a random ``fraction`` of its training examples held out as its test set
+    (and the test set set aside): what verify decides on, so that its final verdict on the
+    real test set is not the one it chased."""
+    count = len(data.y_train)
+    held = max(1, round(count * fraction))
+    if count - held < 1:
+        raise ValueError(f"{count} training examples are too few to hold out a validation split")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).to(data.y_train.device)
+    val, train = order[:held], order[held:]
+    return replace(data, x_train=data.x_train[train], y_train=data.y_train[train], x_test=data.x_train[val],
+                   y_test=data.y_train[val], name=f"{data.name} (validation split)")
+
+
 def verify(recipe: Recipe, plan: Plan, stats: dict[str, Any], *, tolerance: float = 1.0, rounds: int = 4,
-           max_bits: int = 24, seed: int | None = None, steps: int | None = None, step: int = 2,
-           progress: Callable[[str, int, int], None] | None = None,
+           max_bits: int = 24, seed: int | None = None, seeds: int | None = None, steps: int | None = None,
+           step: int = 2, progress: Callable[[str, int, int], None] | None = None,
            data: Dataset | None = None) -> tuple[Plan, dict[str, Any]]:
-    """Check ``plan`` and widen it until the Kahan run is within ``tolerance`` points of fp32,
-    at most ``rounds`` times. Returns the last plan (with its reasons extended by what was
-    widened, and its summary recomputed) and the ``verify`` section: every round's accuracy
-    gap, what was widened and why, and the final verdict."""
+    """Widen ``plan`` while the Kahan run's verdict on a validation split (``VALIDATION_FRACTION``
+    of the training examples, held out) is ``failed``, at most ``rounds`` times; an
+    ``inconclusive`` verdict stops the widening (the split cannot tell, so the diagnostics
+    have nothing to act on). Then one train-check of the last plan on the full training set
+    and the real test set gives the final verdict. Returns the last plan (its reasons
+    extended by what was widened, its summary recomputed) and the ``verify`` section: every
+    round's verdict, what was widened and why, and the final verdict."""
     data = load_data(recipe.data, recipe.source) if data is None else data
+    held_out = validation_split(data, seed=recipe.training.seed if seed is None else seed)
     history: list[dict[str, Any]] = []
     for number in range(rounds + 1):
         report = train_check(recipe, plan, tolerance=tolerance, seed=seed, steps=steps, progress=progress,
-                             data=data)
-        summary = summarize(plan, stats)
-        gap = report.runs["kahan"].gap_to_fp32
-        entry: dict[str, Any] = {
-            "round": number,
-            "passed": report.verdict.passed,
-            "fp32_accuracy": report.runs["fp32"].test_accuracy,
-            "kahan_accuracy": report.runs["kahan"].test_accuracy,
-            "gap_points": None if gap is None else gap * 100,
-            "overall_bits": summary["overall_bits"],
-            "vs_16bit": summary["vs_16bit"],
-            "verdict": report.verdict.reason,
-            "seconds": report.seconds["total"],
-            "widened": [],
-        }
+                             data=held_out, seeds=seeds)
+        entry = {"round": number, **_outcome(report, plan, stats), "widened": []}
         history.append(entry)
-        if report.verdict.passed or number == rounds:
+        if report.verdict.status != "failed" or number == rounds:
             break
         new_plan, changes = widen(plan, blame(report, plan, step), max_bits)
         entry["widened"] = changes
@@ -202,16 +214,38 @@ def verify(recipe: Recipe, plan: Plan, stats: dict[str, Any], *, tolerance: floa
             break
         plan = _note(new_plan, changes, number + 1)
     plan = replace(plan, summary=summarize(plan, stats))
-    final = history[-1]
+    final = train_check(recipe, plan, tolerance=tolerance, seed=seed, steps=steps, progress=progress, data=data,
+                        seeds=seeds)
+    outcome = _outcome(final, plan, stats)
     section = {
         "tolerance_points": tolerance,
+        "validation": {"examples": len(held_out.y_test), "of_training_examples": len(data.y_train),
+                       "seed": recipe.training.seed if seed is None else seed},
         "rounds": history,
-        "passed": final["passed"],
-        "widenings": len(history) - 1,
-        "final": {key: final[key] for key in ("passed", "fp32_accuracy", "kahan_accuracy", "gap_points",
-                                               "overall_bits", "vs_16bit", "verdict")},
+        "widenings": sum(1 for entry in history if any(c["from"] != c["to"] for c in entry["widened"])),
+        "final": {**outcome, "on": "test set"},
+        "passed": outcome["status"] == "passed",
     }
     return plan, section
+
+
+def _outcome(report: CheckReport, plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
+    """A check's verdict and accuracies with the plan's cost."""
+    verdict = report.verdict.document()
+    summary = summarize(plan, stats)
+    kahan, fp32 = report.runs["kahan"], report.runs["fp32"]
+    return {
+        "status": report.verdict.status,
+        "fp32_accuracy": fp32.test_accuracy,
+        "kahan_accuracy": kahan.test_accuracy,
+        "gap_points": None if kahan.gap_to_fp32 is None else kahan.gap_to_fp32 * 100,
+        "loss_interval": verdict.get("loss_interval"),
+        "discordant": verdict.get("discordant"),
+        "overall_bits": summary["overall_bits"],
+        "vs_16bit": summary["vs_16bit"],
+        "verdict": report.verdict.reason,
+        "seconds": report.seconds["total"],
+    }
 
 
 def _note(plan: Plan, changes: list[dict[str, Any]], number: int) -> Plan:

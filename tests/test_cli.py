@@ -93,7 +93,56 @@ def test_failed_check_exits_1(small_recipe):
 def test_human_output_has_runs_diagnostics_and_verdict(small_recipe):
     result = run_cli("train-check", small_recipe())
     assert "Runs" in result.stdout and "Diagnostics per layer" in result.stdout
-    assert "PASSED" in result.stdout or "FAILED" in result.stdout
+    status = {0: "PASSED", 1: "FAILED", 3: "INCONCLUSIVE"}[result.exit_code]
+    assert f"{status}: Kahan" in result.stdout and "95% interval" in result.stdout
+
+
+def test_seeds_pool_the_paired_counts_of_each_seed(small_recipe, tmp_path):
+    """--seeds 2 runs seeds 0 and 1 on one plan; each seed's table is the one a single-seed
+    check of it gives, and the verdict is computed on their sum."""
+    from lpcli.paired import PairedCounts, loss_interval
+
+    recipe, plan = small_recipe(), tmp_path / "plan.yaml"
+    assert run_cli("recommend", recipe, "-o", plan, "--quiet").exit_code == 0
+    pooled = run_cli("train-check", recipe, "--plan", plan, "--seeds", "2", "--json", "--quiet")
+    doc = pooled.json()["verdict"]
+    assert [s["seed"] for s in doc["seeds"]] == [0, 1]
+    for seed in (0, 1):
+        single = run_cli("train-check", recipe, "--plan", plan, "--seed", str(seed), "--json",
+                         "--quiet").json()["verdict"]
+        assert single["seeds"] == [doc["seeds"][seed]]
+    lost = sum(s["discordant"]["fp32_only"] for s in doc["seeds"])
+    gained = sum(s["discordant"]["kahan_only"] for s in doc["seeds"])
+    assert doc["discordant"] == {"fp32_only": lost, "kahan_only": gained}
+    assert doc["test_examples"] == 2 * pooled.json()["data"]["test"]
+    counts = PairedCounts(doc["concordant"]["both_right"], lost, gained, doc["concordant"]["both_wrong"])
+    assert doc["loss_interval"] == [100 * b for b in loss_interval(counts)]
+    assert pooled.exit_code == {"passed": 0, "failed": 1, "inconclusive": 3}[doc["status"]]
+
+
+def test_inconclusive_exits_3_and_says_how_much_more_evidence(small_recipe):
+    """A tolerance of 0 can never pass; with the Kahan run gaining or losing only a few
+    examples the interval straddles it."""
+    result = run_cli("train-check", small_recipe(), "--tolerance", "0", "--json", "--quiet")
+    verdict = result.json()["verdict"]
+    assert verdict["status"] != "passed"
+    if verdict["status"] == "inconclusive":
+        assert result.exit_code == 3 and verdict["loss_interval"][0] <= 0 < verdict["loss_interval"][1]
+        assert "evidence_needed" in verdict and "would" in verdict["reason"]
+    else:
+        assert result.exit_code == 1 and verdict["loss_interval"][0] > 0
+
+
+def test_progress_lines_where_stderr_is_not_a_terminal(small_recipe, monkeypatch):
+    from lpcli import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    recipe = small_recipe()
+    shown = run_cli("train-check", recipe, "--json")
+    lines = shown.stderr.splitlines()
+    assert any(line.startswith("lpcli: kahan: step 60/60, ") and line.endswith("s elapsed") for line in lines)
+    assert shown.json()["verdict"]["status"]  # stdout stays JSON alone
+    assert run_cli("train-check", recipe, "--json", "--quiet").stderr == ""
 
 
 def test_recommend_softmax_wider_for_100_classes():
