@@ -354,3 +354,27 @@ def test_the_compensation_counts_what_it_drops_and_what_it_clips():
     assert opt.diagnostics()[0]["compensation_saturated"] == 1.0 and float(p.detach()[0]) == 1.75
     plain = KahanSGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0, weight_format="fx4.2", mode="plain")
     assert plain.diagnostics()[0]["compensation_dropped"] is None
+
+
+def test_the_path_is_chosen_once_per_group_and_again_when_a_setting_changes(monkeypatch):
+    from lpcli.store import LowPrecisionOptimizer
+
+    chosen = []
+    original = LowPrecisionOptimizer._choose_backend
+
+    def spy(self, group, device):
+        chosen.append(group["name"])
+        return original(self, group, device)
+
+    monkeypatch.setattr(LowPrecisionOptimizer, "_choose_backend", spy)
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
+    opt = KahanSGD([{"params": [a], "name": "a"}, {"params": [b], "name": "b"}], lr=0.01, weight_format="fx8.6")
+    for step in range(6):
+        a.grad, b.grad = torch.randn(50), torch.randn(50)
+        if step == 3:
+            opt.param_groups[0]["lr"] = 0.001  # a schedule: the path stays
+        if step == 4:
+            opt.param_groups[1]["mode"] = "stochastic"  # the C step cannot round stochastically
+        opt.step()
+    assert chosen == ["a", "b", "b"]
+    assert opt._backends[id(opt.param_groups[1])][1] == "per-tensor"
