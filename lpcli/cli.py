@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -68,7 +70,8 @@ RecipeArg = Annotated[str | None, typer.Argument(
          f"({', '.join(bundled_recipes())}). Default: digits-mlp.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (where stderr is not a "
-                                        "terminal, a progress line every 10 s otherwise).")]
+                                        "terminal, a progress line every 10 s otherwise, or every "
+                                        "LPCLI_PROGRESS_EVERY seconds).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where to run: cpu, cuda (cuda:N) or auto (cuda when "
                                         "available, else cpu).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Training seed (default: the recipe's).",
@@ -102,13 +105,24 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
-PROGRESS_EVERY = 10.0  # seconds between progress lines where stderr is not a terminal
+
+
+def _progress_every() -> float:
+    """Seconds between progress lines where stderr is not a terminal: 10, or LPCLI_PROGRESS_EVERY."""
+    value = os.environ.get("LPCLI_PROGRESS_EVERY", "10")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:
+        raise InputError("environment", "LPCLI_PROGRESS_EVERY", f"must be a number of seconds >= 0, got {value!r}")
+    return seconds
 
 
 @contextmanager
 def progress_bar(bar: bool, quiet: bool = False) -> Iterator[Callable[..., None] | None]:
     """Progress on stderr: a rich bar on a terminal (``bar``: the human output), a line every
-    ``PROGRESS_EVERY`` seconds where stderr is not a terminal (a log, CI); nothing when
+    10 s (``LPCLI_PROGRESS_EVERY``) where stderr is not a terminal (a log, CI); nothing when
     ``quiet``."""
     if quiet:
         yield None
@@ -131,12 +145,13 @@ def progress_bar(bar: bool, quiet: bool = False) -> Iterator[Callable[..., None]
 
 
 def _progress_lines() -> Callable[[str, int, int], None]:
+    every = _progress_every()
     started = last = time.monotonic()
 
     def update(name: str, done: int, total: int) -> None:
         nonlocal last
         now = time.monotonic()
-        if now - last >= PROGRESS_EVERY:
+        if now - last >= every:
             last = now
             sys.stderr.write(f"lpcli: {name}: step {done}/{total}, {now - started:.0f} s elapsed\n")
             sys.stderr.flush()

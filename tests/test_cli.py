@@ -134,15 +134,17 @@ def test_inconclusive_exits_3_and_says_how_much_more_evidence(small_recipe):
 
 
 def test_progress_lines_where_stderr_is_not_a_terminal(small_recipe, monkeypatch):
-    from lpcli import cli
-
-    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setenv("LPCLI_PROGRESS_EVERY", "0")
     recipe = small_recipe()
     shown = run_cli("train-check", recipe, "--json")
     lines = shown.stderr.splitlines()
     assert any(line.startswith("lpcli: kahan: step 60/60, ") and line.endswith("s elapsed") for line in lines)
     assert shown.json()["verdict"]["status"]  # stdout stays JSON alone
     assert run_cli("train-check", recipe, "--json", "--quiet").stderr == ""
+    monkeypatch.setenv("LPCLI_PROGRESS_EVERY", "soon")
+    bad = run_cli("train-check", recipe, "--json")
+    assert bad.exit_code == 2 and bad.stdout == ""
+    assert bad.stderr == "error: environment: LPCLI_PROGRESS_EVERY: must be a number of seconds >= 0, got 'soon'\n"
 
 
 def test_recommend_softmax_wider_for_100_classes():

@@ -66,7 +66,7 @@ def test_sigint_keeps_the_previous_file_and_exits_130(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "report.json"
     out.write_text('{"previous": true}\n')
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LPCLI_PROGRESS_EVERY": "0.2"}
     # The child starts with Python's own Ctrl-C handler: it inherits an ignored SIGINT when the
     # fork happens while another thread of this process ignores SIGINT and SIGQUIT for a moment
     # (as C's system() does), which was seen in full runs (the child's SigIgn had both set).
@@ -74,8 +74,14 @@ def test_sigint_keeps_the_previous_file_and_exits_130(tmp_path):
               "runpy.run_module('lpcli', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", launch, "train-check", str(path), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    time.sleep(8.0)  # imports, data, analysis and plan take a few seconds; the training far longer
-    assert proc.poll() is None, proc.communicate()
+    # Wait until the fp32 run reports progress (imports, data, analysis and plan come first and
+    # take seconds, more on a busy machine); the training would take far longer.
+    started = None
+    for line in proc.stderr:
+        if line.startswith("lpcli: fp32"):
+            started = line
+            break
+    assert started and proc.poll() is None, proc.communicate()
     # A Ctrl-C that lands inside a C extension's import can be swallowed there: press again
     # until the process answers, as a person would.
     deadline = time.monotonic() + 60
