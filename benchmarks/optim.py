@@ -9,8 +9,7 @@ parameters; for AdamW ``torch.optim.AdamW(foreach=True)`` on float32 and torch-o
 CPU and the faster there). Every optimizer is stepped once per round, round after round (interleaved, so
 that load from other processes hits all of them alike); each line shows the minimum (and median) over
 rounds, divided by its rule's baselines' minimum (median). ``C`` rows are the default on the CPU
-(``foreach=None``: for SGD the step in lpcli/_kernels.c, one pass over memory per tensor; for AdamW the
-moments with torch operations on pieces that stay in the L2 cache and the store in C); ``per-tensor`` and
+(``foreach=None``: the whole step in lpcli/_kernels.c, one pass over memory per tensor); ``per-tensor`` and
 ``foreach`` are the torch-operation paths; ``compile`` rows (SGD) fuse each tensor's step with
 torch.compile, their one-off compilation time printed separately. The fixed-point rows keep their state
 (momentum, moments) in float32, the bf16 rows in bf16 as optimi does. One torch thread (see
