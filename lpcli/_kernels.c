@@ -339,6 +339,158 @@ static void quantize_block(const Quantizer *q, const float *restrict x, float *r
         memcpy(y, x, (size_t)n * sizeof(float));
 }
 
+/* --- quantize and count in one pass (the simulator's quantization points) ------------- */
+
+#define COUNT_BLOCK 1024 /* elements: a stack buffer that stays in the L1 cache */
+#define COUNT_CHUNK (1 << 24) /* elements per 32-bit tally (no overflow) */
+
+/* What a rounding is counted for, besides the three counts every call makes: */
+enum {
+    EXTRA_NONE = 0,
+    EXTRA_NONFINITE_X = 1, /* whether x holds NaN or inf (for the non-finite watch) */
+    EXTRA_NONFINITE_Q = 2, /* whether the result does */
+    EXTRA_CHANGED = 3      /* whether the rounding changed any element's pattern */
+};
+
+typedef struct {
+    int64_t nonzero_x, nonzero_q, saturated;
+    uint32_t extra; /* the largest |pattern| of x or q (non-finite: >= inf's), or the OR of x ^ q */
+} PointCounts;
+
+/* The counts over x and its rounding q, in 32-bit lanes so that the loops vectorize (n <=
+ * COUNT_CHUNK per tally): what lpcli.simulate's Counter counted with torch operations,
+ * count_nonzero(x), count_nonzero(q) and count_nonzero(x > hi) + count_nonzero(x < lo) (hi,
+ * lo compared as float32, as torch compares a float32 tensor with a Python float; NaN is
+ * non-zero and fails both comparisons, as in torch), and the one extra the caller asked
+ * for, as a maximum or an OR (one operation per element: the flags need no count). */
+typedef struct {
+    uint32_t nzx, nzq, sat, extra;
+} Tally;
+
+ALWAYS_INLINE void tally(Tally *t, float xi, float qi, float clo, float chi, const int extra) {
+    t->nzx += xi != 0.0f ? 1 : 0;
+    t->nzq += qi != 0.0f ? 1 : 0;
+    t->sat += xi > chi ? 1 : 0;
+    t->sat += xi < clo ? 1 : 0;
+    if (extra == EXTRA_NONFINITE_X || extra == EXTRA_NONFINITE_Q) {
+        const uint32_t a = bits_of(extra == EXTRA_NONFINITE_X ? xi : qi) & 0x7fffffffU;
+        t->extra = a > t->extra ? a : t->extra;
+    } else if (extra == EXTRA_CHANGED) {
+        t->extra |= bits_of(xi) ^ bits_of(qi);
+    }
+}
+
+static inline void add_tally(PointCounts *c, Tally t, const int extra) {
+    c->nonzero_x += t.nzx;
+    c->nonzero_q += t.nzq;
+    c->saturated += t.sat;
+    if (extra == EXTRA_CHANGED)
+        c->extra |= t.extra;
+    else if (t.extra > c->extra)
+        c->extra = t.extra;
+}
+
+ALWAYS_INLINE Tally count_loop(const float *restrict x, const float *restrict q, int64_t n, float clo, float chi,
+                               const int extra) {
+    Tally t = {0, 0, 0, 0};
+    for (int64_t i = 0; i < n; i++) tally(&t, x[i], q[i], clo, chi, extra);
+    return t;
+}
+
+MULTIVERSION
+static void count_block(const float *restrict x, const float *restrict q, int64_t n, float clo, float chi, int extra,
+                        PointCounts *c) {
+    switch (extra) {
+    case EXTRA_NONFINITE_X: add_tally(c, count_loop(x, q, n, clo, chi, EXTRA_NONFINITE_X), EXTRA_NONFINITE_X); break;
+    case EXTRA_NONFINITE_Q: add_tally(c, count_loop(x, q, n, clo, chi, EXTRA_NONFINITE_Q), EXTRA_NONFINITE_Q); break;
+    case EXTRA_CHANGED: add_tally(c, count_loop(x, q, n, clo, chi, EXTRA_CHANGED), EXTRA_CHANGED); break;
+    default: add_tally(c, count_loop(x, q, n, clo, chi, EXTRA_NONE), EXTRA_NONE);
+    }
+}
+
+/* Fixed point, nearest or toward zero: rounding (fixed_nearest / fixed_zero, as fixed_run)
+ * and counting in one loop over x, writing q to y (a distinct array), back to x (in place),
+ * or nowhere. Called with constant mode, saturate and extra, so that the compiler makes one
+ * vectorized loop of each combination. */
+ALWAYS_INLINE float fixed_one(float xi, const FixedArgs *a, const int mode, const int saturate) {
+    return mode == NEAREST ? fixed_nearest(xi, a->lo, a->hi, a->scale, a->step, saturate)
+                           : fixed_zero(xi, a->lo, a->hi, a->scale, a->step, saturate);
+}
+
+ALWAYS_INLINE Tally fixed_count_into(const FixedArgs *a, const float *restrict x, float *restrict y, int64_t n,
+                                     float clo, float chi, const int mode, const int saturate, const int extra) {
+    Tally t = {0, 0, 0, 0};
+    for (int64_t i = 0; i < n; i++) {
+        const float xi = x[i], qi = fixed_one(xi, a, mode, saturate);
+        tally(&t, xi, qi, clo, chi, extra);
+        y[i] = qi;
+    }
+    return t;
+}
+
+ALWAYS_INLINE Tally fixed_count_case(const FixedArgs *a, float *x, float *y, int64_t n, float clo, float chi,
+                                     const int mode, const int saturate, const int extra) {
+    Tally t = {0, 0, 0, 0};
+    if (!y) {
+        for (int64_t i = 0; i < n; i++) tally(&t, x[i], fixed_one(x[i], a, mode, saturate), clo, chi, extra);
+    } else if (y == x) {
+        for (int64_t i = 0; i < n; i++) {
+            const float xi = x[i], qi = fixed_one(xi, a, mode, saturate);
+            tally(&t, xi, qi, clo, chi, extra);
+            x[i] = qi;
+        }
+    } else {
+        t = fixed_count_into(a, x, y, n, clo, chi, mode, saturate, extra);
+    }
+    return t;
+}
+
+#define FIXED_COUNT_EXTRA(extra)                                                                                    \
+    do {                                                                                                            \
+        if (a->mode == NEAREST)                                                                                     \
+            t = a->saturate ? fixed_count_case(a, x, y, n, clo, chi, NEAREST, 1, extra)                             \
+                            : fixed_count_case(a, x, y, n, clo, chi, NEAREST, 0, extra);                            \
+        else                                                                                                        \
+            t = a->saturate ? fixed_count_case(a, x, y, n, clo, chi, ZERO, 1, extra)                                \
+                            : fixed_count_case(a, x, y, n, clo, chi, ZERO, 0, extra);                               \
+        add_tally(c, t, extra);                                                                                     \
+    } while (0)
+
+MULTIVERSION
+static void fixed_count(const FixedArgs *a, float *x, float *y, int64_t n, float clo, float chi, int extra,
+                        PointCounts *c) {
+    Tally t;
+    switch (extra) {
+    case EXTRA_NONFINITE_X: FIXED_COUNT_EXTRA(EXTRA_NONFINITE_X); break;
+    case EXTRA_NONFINITE_Q: FIXED_COUNT_EXTRA(EXTRA_NONFINITE_Q); break;
+    case EXTRA_CHANGED: FIXED_COUNT_EXTRA(EXTRA_CHANGED); break;
+    default: FIXED_COUNT_EXTRA(EXTRA_NONE);
+    }
+}
+
+/* y = Q(x) over n elements (y may be x itself, or NULL: count only). Fixed point with nearest
+ * or zero rounding in one loop; every other quantizer block by block: each block is rounded
+ * into a buffer, counted against x, then written to y, so every element of x is read before
+ * y's is written. offset: the index of x[0] in the whole tensor (the random numbers of
+ * stochastic rounding), as quantize. */
+static void quantize_count_run(const Quantizer *q, float *x, float *y, int64_t n, uint64_t offset, float clo,
+                               float chi, int extra, PointCounts *c) {
+    if (q->run == fixed_run && q->args.fixed.mode != STOCHASTIC) {
+        for (int64_t start = 0; start < n; start += COUNT_CHUNK) {
+            const int64_t k = n - start < COUNT_CHUNK ? n - start : COUNT_CHUNK;
+            fixed_count(&q->args.fixed, x + start, y ? y + start : NULL, k, clo, chi, extra, c);
+        }
+        return;
+    }
+    float buf[COUNT_BLOCK];
+    for (int64_t start = 0; start < n; start += COUNT_BLOCK) {
+        const int64_t k = n - start < COUNT_BLOCK ? n - start : COUNT_BLOCK;
+        quantize_block(q, x + start, buf, k, offset + (uint64_t)start);
+        count_block(x + start, buf, k, clo, chi, extra, c);
+        if (y) memcpy(y + start, buf, (size_t)k * sizeof(float));
+    }
+}
+
 /* --- one optimizer step on quantized weights (lpcli/optim.py, lpcli/store.py) --------- */
 
 enum {
@@ -638,6 +790,29 @@ static PyObject *py_adam_step(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_END_ALLOW_THREADS return counts_tuple(&counts);
 }
 
+/* quantize_count(src, dst, n, spec, offset, lo, hi, extra) -> (nonzero x, nonzero y, x beyond
+ * [lo, hi], extra flag: 0 or 1); dst 0: count only (y: the rounding, unwritten); dst = src: in place. */
+static PyObject *py_quantize_count(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Quantizer q;
+    if (check_nargs(nargs, 8, "quantize_count") || parse_quantizer(args[3], &q)) return NULL;
+    float *x = as_pointer(args[0]);
+    float *y = as_pointer(args[1]);
+    const long long n = as_long(args[2]);
+    const uint64_t offset = as_ulong(args[4]);
+    const float lo = (float)as_double(args[5]), hi = (float)as_double(args[6]);
+    const int extra = (int)as_long(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    if (extra < EXTRA_NONE || extra > EXTRA_CHANGED) {
+        PyErr_SetString(PyExc_ValueError, "quantize_count: extra must be 0..3");
+        return NULL;
+    }
+    PointCounts c = {0, 0, 0, 0};
+    Py_BEGIN_ALLOW_THREADS quantize_count_run(&q, x, y, n > 0 ? (int64_t)n : 0, offset, lo, hi, extra, &c);
+    Py_END_ALLOW_THREADS;
+    const int flag = extra == EXTRA_CHANGED ? c.extra != 0 : (extra != EXTRA_NONE && c.extra >= 0x7f800000U);
+    return Py_BuildValue("LLLi", (long long)c.nonzero_x, (long long)c.nonzero_q, (long long)c.saturated, flag);
+}
+
 /* absmax(src, n) -> float */
 static PyObject *py_absmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 2, "absmax")) return NULL;
@@ -653,6 +828,8 @@ static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "Round n floats onto a format."},
     {"sgd_step", (PyCFunction)(void (*)(void))py_sgd_step, METH_FASTCALL, "One SGD step on quantized weights."},
     {"adam_step", (PyCFunction)(void (*)(void))py_adam_step, METH_FASTCALL, "One Adam step on quantized weights."},
+    {"quantize_count", (PyCFunction)(void (*)(void))py_quantize_count, METH_FASTCALL,
+     "Round n floats onto a format and count non-zero and saturated values (and one flag)."},
     {"absmax", (PyCFunction)(void (*)(void))py_absmax, METH_FASTCALL, "Largest magnitude (NaN if any)."},
     {NULL, NULL, 0, NULL},
 };

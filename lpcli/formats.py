@@ -59,6 +59,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -300,24 +301,7 @@ def quantize(
         return x if out is None else out.copy_(x)
     xf = x.detach().float().contiguous()  # no copy for a contiguous float32 x
 
-    fixed: tuple[int, int | torch.Tensor, bool] | None = None  # (width, fraction bits, saturate)
-    if isinstance(fmt, FixedPoint):
-        fixed = (fmt.width, fmt.frac, True)
-    elif isinstance(fmt, DynamicFixedPoint):
-        own = absmax is None
-        if xf.device.type == "cpu":  # python scalars: cheaper, and no device to wait for
-            value = _absmax_value(xf) if own else float(absmax)
-            frac: int | torch.Tensor = fmt.frac_of(value)
-            # The range picked from x's own maximum holds every value unless F hit its limit
-            # or x has NaN/inf: then the clamp can be skipped.
-            saturate = not (own and value <= (2 ** (fmt.width - 1) - 1) * 2.0**-frac)
-        else:
-            if own:
-                low, high = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
-                absmax = torch.maximum(-low, high)  # one pass, no |x| temporary
-            frac = fmt.frac_for(torch.as_tensor(absmax, dtype=torch.float32, device=xf.device))
-            saturate = True
-        fixed = (fmt.width, frac, saturate)
+    fixed = _fixed_params(fmt, xf, absmax)
 
     native = native_spec(fmt, rounding, generator, fixed) if xf.device.type == "cpu" else None
     kernel = None
@@ -350,6 +334,109 @@ def quantize(
     if out is not None:
         return out.copy_(y)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _fixed_params(fmt: Format, xf: torch.Tensor,
+                  absmax: torch.Tensor | float | None) -> tuple[int, int | torch.Tensor, bool] | None:
+    """``(width, fraction bits, saturate)`` of rounding ``xf`` onto a fixed-point ``fmt``
+    (dynamic: from ``absmax`` or xf's own maximum), None for floats."""
+    if isinstance(fmt, FixedPoint):
+        return (fmt.width, fmt.frac, True)
+    if not isinstance(fmt, DynamicFixedPoint):
+        return None
+    own = absmax is None
+    if xf.device.type == "cpu":  # python scalars: cheaper, and no device to wait for
+        value = absmax_value(xf) if own else float(absmax)
+        frac: int | torch.Tensor = fmt.frac_of(value)
+        # The range picked from x's own maximum holds every value unless F hit its limit
+        # or x has NaN/inf: then the clamp can be skipped.
+        saturate = not (own and value <= (2 ** (fmt.width - 1) - 1) * 2.0**-frac)
+    else:
+        if own:
+            low, high = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
+            absmax = torch.maximum(-low, high)  # one pass, no |x| temporary
+        frac = fmt.frac_for(torch.as_tensor(absmax, dtype=torch.float32, device=xf.device))
+        saturate = True
+    return (fmt.width, frac, saturate)
+
+
+Counts = tuple[int, int, int, int]  # what quantize_count counts (see there)
+EXTRAS = {None: 0, "nonfinite_x": 1, "nonfinite_q": 2, "changed": 3}  # quantize_count's extra (as the C kernel's)
+
+
+def quantize_count(x: torch.Tensor, fmt: Format | str, rounding: str = "nearest",
+                   generator: torch.Generator | None = None, *, inplace: bool = False, counts_only: bool = False,
+                   extra: str | None = None) -> tuple[torch.Tensor, Counts] | None:
+    """:func:`quantize` and the counts the simulator keeps of it, in one pass of the C kernels:
+    ``(q, (nonzero x, nonzero q, x beyond the format's range, flag))``, the range as
+    :func:`saturated` has it (none for float32 and dynamic fixed point), and the flag 1 or 0
+    as ``extra`` asks: ``"nonfinite_x"`` / ``"nonfinite_q"`` (x / q holds NaN or inf),
+    ``"changed"`` (the rounding changed the bits of an element), None (always 0; cheapest).
+    ``q`` is the same bits :func:`quantize` gives (x itself for float32, as there; x
+    overwritten with ``inplace``), drawn from ``generator`` the same way; with
+    ``counts_only`` nothing is written and x comes back in q's place. None, with nothing
+    drawn or written, where the C kernels do not apply (not built, not a contiguous float32
+    CPU tensor): count with torch operations then."""
+    key = (fmt, rounding)
+    plan = _count_plans.get(key)
+    if plan is None:
+        plan = _count_plans[key] = count_plan(fmt, rounding)
+    return quantize_count_planned(x, plan, generator, inplace=inplace, counts_only=counts_only, extra=extra)
+
+
+class CountPlan(NamedTuple):
+    """What :func:`quantize_count_planned` needs of a format and a rounding, worked out once."""
+
+    format: Format
+    rounding: str
+    spec: tuple | None  # the C kernels' spec; None where each call draws (stochastic) or
+    # reads the data (dynamic fixed point) for its own
+    low: float  # the range beyond which a value counts as saturated
+    high: float
+
+
+_count_plans: dict[tuple[Format | str, str], CountPlan] = {}
+
+
+def count_plan(fmt: Format | str, rounding: str = "nearest") -> CountPlan:
+    """The format's plan for :func:`quantize_count_planned` (checked and parsed once)."""
+    fmt = parse_format(fmt)
+    if rounding not in ROUNDINGS:
+        raise FormatError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
+    if isinstance(fmt, Float32):
+        spec: tuple | None = (0, 0, 0)
+    elif rounding == "stochastic" or isinstance(fmt, DynamicFixedPoint):
+        spec = None
+    else:
+        spec = native_spec(fmt, rounding) if _kernels is not None else None
+    if isinstance(fmt, (Float32, DynamicFixedPoint)):
+        return CountPlan(fmt, rounding, spec, -math.inf, math.inf)
+    return CountPlan(fmt, rounding, spec, fmt.min_value, fmt.max_value)
+
+
+def quantize_count_planned(x: torch.Tensor, plan: CountPlan, generator: torch.Generator | None = None, *,
+                           inplace: bool = False, counts_only: bool = False,
+                           extra: str | None = None) -> tuple[torch.Tensor, Counts] | None:
+    """:func:`quantize_count` with the format's plan (:func:`count_plan`) at hand: the
+    simulator calls it for every rounding of a step, so it does no more than it must."""
+    if _kernels is None or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    fmt, rounding, spec, lo, hi = plan
+    flag = EXTRAS[extra]
+    xf = x.detach()
+    if spec is None:
+        spec = native_spec(fmt, rounding, generator, _fixed_params(fmt, xf, None))
+    if counts_only or isinstance(fmt, Float32):
+        q, dst = x, 0  # count only (float32: nothing to round)
+    else:
+        q = x if inplace else torch.empty_like(xf)
+        dst = q.data_ptr()
+    src, n = xf.data_ptr(), xf.numel()
+    if n < 2 * _PIECE:
+        return q, _kernels.quantize_count(src, dst, n, spec, 0, lo, hi, flag)
+    parts = in_pieces(lambda start, count: _kernels.quantize_count(
+        src + 4 * start, dst + 4 * start if dst else 0, count, spec, start, lo, hi, flag), n)
+    return q, (*(sum(part[i] for part in parts) for i in range(3)), max(part[3] for part in parts))
 
 
 class MaxHistory:
@@ -842,15 +929,17 @@ def _run_native(spec: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
     in_pieces(lambda start, count: _kernels.quantize(src + 4 * start, dst + 4 * start, count, spec, start), x.numel())
 
 
-def _absmax_value(x: torch.Tensor) -> float:
+def absmax_value(x: torch.Tensor) -> float:
     """``max |x|`` of a contiguous float32 CPU tensor (NaN if x holds one; 0 if it is empty)."""
     if x.numel() == 0:
         return 0.0
     if _kernels is None:
         low, high = torch.aminmax(x)
         return float(torch.maximum(-low, high))  # one pass, no |x| temporary
-    src = x.data_ptr()
-    maxima = in_pieces(lambda start, count: _kernels.absmax(src + 4 * start, count), x.numel())
+    src, n = x.data_ptr(), x.numel()
+    if n < 2 * _PIECE:
+        return _kernels.absmax(src, n)
+    maxima = in_pieces(lambda start, count: _kernels.absmax(src + 4 * start, count), n)
     return max(maxima, key=lambda m: (math.isnan(m), m))
 
 

@@ -54,7 +54,7 @@ first step, again only when a setting other than ``lr`` changes). On the CPU by 
 that stay in the L1 cache, so one pass over memory per tensor: the rule's update, then the
 one store both rules share) where the kernels are built and the formats allow (not
 stochastic rounding, not dynamic fixed point; those take the per-tensor path). Measured on
-10M parameters in 20 tensors, one thread (benchmarks/optim.py), it is 7 to 10 times faster
+10M parameters in 20 tensors, one thread (benchmarks/optim.py), it is 5 to 11 times faster
 than per tensor and than foreach on the CPU. ``foreach=True`` runs each
 operation over all of a group's tensors with ``torch._foreach_*`` (the default on CUDA,
 where it saves kernel launches); Adam's moments over the tensors at the same step count.
@@ -176,11 +176,14 @@ class KahanSGD(LowPrecisionOptimizer):
         if backend == "foreach":
             _foreach_step(params, states, group, diag, generator)
             return
+        if backend == "native":
+            _native_steps(params, states, group, diag, needs, generator)
+            return
         cache = self._specs.setdefault(id(group), {})
         for p, state in zip(params, states, strict=True):
             if backend == "compiled" and p.numel() >= _FUSE_MIN and p.is_contiguous():
                 _fused_tensor(needs, p, state, group, cache, diag)
-            elif backend != "native" or not _native_step(p, state, group, diag, needs):
+            else:
                 _single_step(p, state, group, diag, generator)
 
     def _fused_for(self, group: dict[str, Any]) -> Callable | None:
@@ -470,8 +473,7 @@ def _native_specs(group: dict[str, Any], *state_formats: Format) -> tuple[tuple,
 
 
 def _native_suits(*tensors: torch.Tensor | None) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in tensors if t is not None)
+    return all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors if t is not None)
 
 
 def _native_flags(group: dict[str, Any], diag: bool, *, momentum: bool = False, nesterov: bool = False,
@@ -486,14 +488,24 @@ def _native_call(kernel: Callable, tensors: tuple[torch.Tensor | None, ...], sca
                  specs: tuple[tuple, ...], group: dict[str, Any], state: dict[str, Any], diag: bool) -> None:
     """``kernel(*tensors, n, *scalars, flags, *specs, c_lo, c_hi)`` over the tensors (None where
     unused), split among torch's threads for large tensors; the counts go to the state."""
+    _native_run(kernel, tensors, scalars, flags, specs, compensation_range(group["comp_format"]), state, diag)
+
+
+def _native_run(kernel: Callable, tensors: tuple[torch.Tensor | None, ...], scalars: tuple[float, ...], flags: int,
+                specs: tuple[tuple, ...], comp_range: tuple[float, float], state: dict[str, Any], diag: bool) -> None:
     addresses = [t.data_ptr() if t is not None else 0 for t in tensors]
-    comp_range = compensation_range(group["comp_format"])
+    n = tensors[0].numel()
+    if n < 2 * formats._PIECE:  # what in_pieces would do, in one call, without its overhead
+        counts = kernel(*addresses, n, *scalars, flags, *specs, *comp_range)
+        if diag:
+            _set_counts(state, *counts)
+        return
 
     def run(start: int, count: int) -> tuple[int, int, int, int]:
         at = [a + 4 * start if a else 0 for a in addresses]
         return kernel(*at, count, *scalars, flags, *specs, *comp_range)
 
-    counts = in_pieces(run, tensors[0].numel())
+    counts = in_pieces(run, n)
     if diag:
         _set_counts(state, *(sum(c[i] for c in counts) for i in range(4)))
 
@@ -503,22 +515,27 @@ def _set_counts(state: dict[str, Any], moved: int, lost: int, dropped: int = 0, 
     state["step_lost"].fill_(lost)
     state["moved"].add_(moved)
     state["lost"].add_(lost)
-    state["comp_dropped"].add_(dropped)
-    state["comp_saturated"].add_(clipped)
+    if dropped:  # adding 0 changes nothing: two operations saved on most steps
+        state["comp_dropped"].add_(dropped)
+    if clipped:
+        state["comp_saturated"].add_(clipped)
 
 
-def _native_step(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], diag: bool,
-                 specs: tuple[tuple, ...]) -> bool:
-    """One tensor's SGD step in C; False (nothing done) where the tensors do not suit it."""
-    tensors = (p.detach(), p.grad.detach(), state.get("momentum_buffer"), state.get("compensation"),
-               state.get("intended") if diag else None)
-    if not _native_suits(*tensors):
-        return False
+def _native_steps(params: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any], diag: bool,
+                  specs: tuple[tuple, ...], generator: torch.Generator) -> None:
+    """A group's SGD step in C, tensor by tensor (:func:`_single_step` for a tensor that does
+    not suit the kernel); what the group's tensors share is worked out once."""
     flags = _native_flags(group, diag, momentum=bool(group["momentum"]), nesterov=group["nesterov"],
                           decay=bool(group["weight_decay"]))
     scalars = (group["lr"], group["momentum"], group["weight_decay"])
-    _native_call(formats._kernels.sgd_step, tensors, scalars, flags, specs, group, state, diag)
-    return True
+    kernel, comp_range = formats._kernels.sgd_step, compensation_range(group["comp_format"])
+    for p, state in zip(params, states, strict=True):
+        tensors = (p.detach(), p.grad.detach(), state.get("momentum_buffer"), state.get("compensation"),
+                   state.get("intended") if diag else None)
+        if _native_suits(*tensors):
+            _native_run(kernel, tensors, scalars, flags, specs, comp_range, state, diag)
+        else:
+            _single_step(p, state, group, diag, generator)
 
 
 def _adam_native(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], decoupled: bool, diag: bool,

@@ -12,12 +12,31 @@ each row sums to zero as ``p - y`` does (``zero_sum_error=False`` rounds every e
 its own; the logits then drift, see lpcli/recommend.py).
 
 Weights are not touched here: the optimizer stores them (see :mod:`lpcli.optim`).
-Counts of saturated and underflowed values are kept on the device, per quantization
-point, so no step waits for the host.
+Counts of saturated and underflowed values are kept per quantization point: on the
+device, so that no step waits for the host, except on the CPU, where the C kernels count
+in the same pass as they round (:func:`lpcli.formats.quantize_count`) and the counts are
+Python integers.
+
+What a simulated step adds to the model's own work is kept small (benchmarks/overhead.py
+measures it), without changing a bit of any result:
+
+* one pass of the C kernels per rounding, the counts included (and whether the tensor
+  holds NaN or inf, which the non-finite watch then reads instead of the tensor);
+* a layer's output made by a matmul, a convolution or a batch norm is rounded in place
+  (their autograd nodes keep their inputs, not their output), its error by hooks on the
+  output and its node: no copy and no ``autograd.Function`` (:meth:`_LayerPoint.round_in_place`);
+* an input that is, unmodified, the previous layer's rounded output on a grid the input
+  format holds (a convolution feeding a batch norm) is not rounded again, and an input
+  whose rounding changed nothing last step (a relu or max pool of a rounded output) is
+  checked by a read-only pass and passed on as it is (:class:`_InputPoint`);
+* the error arriving at a rounded output is rounded before the watch's hook sees it, so
+  that the watch finds it marked finite (:meth:`_LayerPoint.round_error_early`).
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +44,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import DynamicFixedPoint, Float32, Format, quantize
+from .formats import (
+    CountPlan,
+    Counts,
+    DynamicFixedPoint,
+    FixedPoint,
+    Float32,
+    Format,
+    absmax_value,
+    count_plan,
+    kernel_backend,
+    quantize,
+    quantize_count,
+    quantize_count_planned,
+)
 from .models import floating_tensors, map_floating, module_name
 
 COUNT_FIELDS = ("elements", "nonzero", "saturated", "underflow")
@@ -42,10 +74,28 @@ NOT_SIMULATED = (
 
 
 class Counter:
-    """Running totals for one quantization point (elements, non-zero, saturated, underflowed)."""
+    """Running totals for one quantization point (elements, non-zero, saturated, underflowed).
+
+    Where the C kernels round (contiguous float32 CPU tensors) they count in the same pass
+    and the totals are kept as Python integers (a CPU tensor has no device to wait for);
+    elsewhere they stay on the device, so no step waits for the host. :attr:`totals`
+    gives both as one float64 tensor (exact: the counts are integers below 2^53)."""
 
     def __init__(self) -> None:
-        self.totals: torch.Tensor | None = None
+        self._device: torch.Tensor | None = None
+        self._host: list[int] | None = None
+        self.last_nonzero: int | None = None  # non-zeros of the last rounding, where the C kernels counted it
+
+    @property
+    def totals(self) -> torch.Tensor | None:
+        if self._host is None:
+            return self._device
+        host = torch.tensor(self._host, dtype=torch.float64)
+        return host if self._device is None else self._device + host.to(self._device.device)
+
+    @totals.setter
+    def totals(self, value: torch.Tensor | None) -> None:
+        self._device, self._host = value, None
 
     def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format) -> None:
         # Rounding maps 0 to 0, so the values that underflowed are the non-zeros of x
@@ -57,12 +107,67 @@ class Counter:
             _saturated_count(x, fmt),
             (nonzero - torch.count_nonzero(q)).double(),
         ])
-        self.totals = counts if self.totals is None else self.totals.add_(counts)
+        self._device = counts if self._device is None else self._device.add_(counts)
+        self.last_nonzero = None
+
+    def add(self, elements: int, nonzero: int, nonzero_rounded: int, saturated: int) -> None:
+        """The counts of one rounding, made by the C kernels (:func:`lpcli.formats.quantize_count`)."""
+        self.last_nonzero = nonzero_rounded
+        host = self._host
+        if host is None:
+            self._host = [elements, nonzero, saturated, nonzero - nonzero_rounded]
+        else:
+            host[0] += elements
+            host[1] += nonzero
+            host[2] += saturated
+            host[3] += nonzero - nonzero_rounded
 
     def as_dict(self) -> dict[str, float]:
-        if self.totals is None:
+        if self._host is not None and self._device is None:
+            return dict(zip(COUNT_FIELDS, map(float, self._host), strict=True))
+        totals = self.totals
+        if totals is None:
             return dict.fromkeys(COUNT_FIELDS, 0.0)
-        return dict(zip(COUNT_FIELDS, self.totals.tolist(), strict=True))
+        return dict(zip(COUNT_FIELDS, totals.tolist(), strict=True))
+
+
+def rounded(x: torch.Tensor, fmt: Format, simulator: Simulator, counter: Counter | None,
+            inplace: bool = False, extra: str | None = None) -> torch.Tensor:
+    """``x`` rounded onto ``fmt`` with the simulator's rounding, counted by ``counter``
+    (None: not counted). One pass of the C kernels where they apply, or :func:`quantize`
+    and :meth:`Counter.record`: the same bits and counts either way. ``inplace``: the
+    result may overwrite x. ``extra="nonfinite_q"``: mark the result for the non-finite
+    watch (see :func:`_rounded_counts`)."""
+    if counter is not None:
+        fused = _rounded_counts(x, fmt, simulator, inplace, extra=extra)
+        if fused is not None:
+            q, (nonzero, nonzero_rounded, saturated, *_) = fused
+            counter.add(x.numel(), nonzero, nonzero_rounded, saturated)
+            return q
+    q = quantize(x, fmt, simulator.rounding, simulator.generator)
+    if counter is not None:
+        counter.record(x, q, fmt)
+    return q
+
+
+def _rounded_counts(x: torch.Tensor, fmt: Format, simulator: Simulator, inplace: bool = False,
+                    counts_only: bool = False, extra: str | None = None) -> tuple[torch.Tensor, Counts] | None:
+    """:func:`lpcli.formats.quantize_count` with the simulator's rounding (None where the C
+    kernels do not apply). ``extra="nonfinite_x"`` / ``"nonfinite_q"``: where the kernel
+    found no NaN or inf in x / in the result, that tensor is marked so, with its version,
+    and :func:`all_finite` reads the mark instead of the tensor (for the tensors the
+    non-finite watch looks at; the flag costs the kernel a little)."""
+    plan = simulator.plans.get(id(fmt))
+    if plan is None or plan.rounding != simulator.rounding or plan.format is not fmt:
+        plan = simulator.plans[id(fmt)] = count_plan(fmt, simulator.rounding)
+    fused = quantize_count_planned(x, plan, simulator.generator, inplace=inplace, counts_only=counts_only,
+                                   extra=extra)
+    if fused is not None and not fused[1][3]:
+        if extra == "nonfinite_q":
+            fused[0]._lpcli_finite = fused[0]._version
+        elif extra == "nonfinite_x":
+            x._lpcli_finite = x._version
+    return fused
 
 
 def _saturated_count(x: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -109,12 +214,55 @@ class _InputPoint:
     def __init__(self, simulator: Simulator, fmt: Format) -> None:
         self.simulator, self.format = simulator, fmt
         self.counts = Counter()
+        # The last rounding here changed no value (a relu or a max pool of a layer's rounded
+        # output, on a grid this format holds): try unchanged() first next time.
+        self.identity = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = quantize(x, self.format, self.simulator.rounding, self.simulator.generator)
-        if self.simulator.recording:
-            self.counts.record(x, q, self.format)
+        sim = self.simulator
+        fused = _rounded_counts(x, self.format, sim, extra="changed")
+        if fused is None:  # the torch kernels
+            self.identity = False
+            return rounded(x, self.format, sim, self.counts if sim.recording else None)
+        q, (nonzero, nonzero_rounded, saturated, changed) = fused
+        if sim.recording:
+            self.counts.add(x.numel(), nonzero, nonzero_rounded, saturated)
+        self.identity = not changed and sim.rounding != "stochastic" and not isinstance(self.format, DynamicFixedPoint)
         return q
+
+    def unchanged(self, x: torch.Tensor) -> bool:
+        """Whether rounding x changes no value, where the last rounding here changed none: one
+        read pass of the C kernels that counts as the rounding would (and is counted as it),
+        without writing a copy. Deterministic roundings only (``identity`` says)."""
+        if not self.identity:
+            return False
+        sim = self.simulator
+        fused = _rounded_counts(x, self.format, sim, counts_only=True, extra="changed")
+        if fused is None or fused[1][3]:
+            self.identity = False
+            return False
+        nonzero, nonzero_rounded, saturated = fused[1][:3]
+        if sim.recording:
+            self.counts.add(x.numel(), nonzero, nonzero_rounded, saturated)
+        return True
+
+    def already_rounded(self, x: torch.Tensor) -> bool:
+        """Whether rounding x would change nothing: x is, unmodified, the activation a layer
+        rounded onto a fixed-point grid that this point's format holds (same or more fraction
+        and integer bits; in range, so nothing saturates or underflows). The count is then
+        taken from that rounding's."""
+        sim = self.simulator
+        entry = sim.on_grid.get(id(x))
+        if entry is None:
+            return False
+        ref, version, fmt, nonzero = entry
+        if ref() is not x or x._version != version or not _holds(self.format, fmt):
+            return False
+        if sim.recording:
+            if nonzero is None:
+                return False
+            self.counts.add(x.numel(), nonzero, nonzero, 0)
+        return True
 
 
 class _LayerPoint:
@@ -124,24 +272,66 @@ class _LayerPoint:
         self.activation_counts, self.error_counts = Counter(), Counter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = quantize(x, self.activation, self.simulator.rounding, self.simulator.generator)
-        if self.simulator.recording:
-            self.activation_counts.record(x, q, self.activation)
-        return q
+        return rounded(x, self.activation, self.simulator,
+                       self.activation_counts if self.simulator.recording else None, extra="nonfinite_q")
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
-        q = quantize(grad, self.error, self.simulator.rounding, self.simulator.generator)
-        self.error_counts.record(grad, q, self.error)
-        return q
+        early = getattr(grad, "_lpcli_error", None)
+        if early is not None and early[0] is self and early[1] == grad._version:
+            q, (nonzero, nonzero_rounded, saturated, *_) = early[2]  # see round_error_early
+            self.error_counts.add(grad.numel(), nonzero, nonzero_rounded, saturated)
+            return q
+        return rounded(grad, self.error, self.simulator, self.error_counts)
+
+    def round_in_place(self, t: torch.Tensor) -> bool:
+        """Round the activation ``t`` in place, where that is known to be safe and the C
+        kernels apply: ``t`` is a layer's fresh output (not a view) whose autograd node does
+        not keep it for its own backward (:data:`_KEEP_NO_OUTPUT`: matmul, convolution,
+        batch norm). Nothing else holds it yet, so the layer's output simply becomes the
+        rounded value, with no copy and no autograd.Function; the error is then rounded by
+        :meth:`round_error_early` (a hook on ``t``, before the non-finite watch's) and handed
+        to ``t``'s node by a pre-hook on it. False (nothing done) otherwise."""
+        node = t.grad_fn
+        if t._base is not None or t.output_nr != 0 or type(node).__name__ not in _KEEP_NO_OUTPUT:
+            return False
+        sim = self.simulator
+        fused = _rounded_counts(t, self.activation, sim, inplace=True, extra="nonfinite_q")
+        if fused is None:
+            return False
+        _, (nonzero, nonzero_rounded, saturated, *_) = fused
+        counter = self.activation_counts
+        if sim.recording:
+            counter.add(t.numel(), nonzero, nonzero_rounded, saturated)
+        else:
+            counter.last_nonzero = None
+        t.register_hook(self.round_error_early)
+        node.register_prehook(self.hand_over)
+        return True
+
+    def hand_over(self, grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+        """A pre-hook on the node of an output rounded in place: its error (output 0), rounded."""
+        grad = grad_outputs[0]
+        if grad is None:
+            return grad_outputs
+        return (self.backward(grad), *grad_outputs[1:])
+
+    def round_error_early(self, grad: torch.Tensor) -> None:
+        """A hook on the rounded activation: round the error as soon as it arrives, before
+        the non-finite watch's own hook looks at it, so that the watch finds it marked
+        finite instead of reading it again. :meth:`backward` takes this rounding (and its
+        counts) when it receives the same, unchanged tensor, and rounds it itself otherwise:
+        the same bits and counts, counted once (deterministic roundings only)."""
+        fused = _rounded_counts(grad, self.error, self.simulator, extra="nonfinite_x")
+        if fused is not None:
+            grad._lpcli_error = (self, grad._version, fused)
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, labels: torch.Tensor, simulator: Simulator) -> torch.Tensor:
         shifted = z - z.amax(dim=1, keepdim=True)
-        q = quantize(shifted, simulator.softmax_input, simulator.rounding, simulator.generator)
-        if simulator.recording:
-            simulator.softmax_input_counts.record(shifted, q, simulator.softmax_input)
+        q = rounded(shifted, simulator.softmax_input, simulator,
+                    simulator.softmax_input_counts if simulator.recording else None)
         log_p = F.log_softmax(q, dim=1)
         ctx.save_for_backward(log_p, labels)
         ctx.simulator = simulator
@@ -153,13 +343,23 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         sim: Simulator = ctx.simulator
         error = log_p.exp()
         rows = torch.arange(len(labels), device=labels.device)
-        error[rows, labels] -= 1.0
-        q = quantize(error, sim.softmax_error, sim.rounding, sim.generator)
-        sim.softmax_error_counts.record(error, q, sim.softmax_error)
+        target = error[rows, labels] - 1.0  # p - y at the targets
+        error[rows, labels] = target
+        q = rounded(error, sim.softmax_error, sim, sim.softmax_error_counts)
         # The non-target counts are the whole tensor's less the target entries' (one per row).
-        target_nonzero = torch.count_nonzero(error[rows, labels])
-        target_flushed = target_nonzero - torch.count_nonzero(q[rows, labels])
-        sim.target_error_counts = sim.target_error_counts + torch.stack([target_nonzero, target_flushed]).double()
+        fmt = sim.softmax_error
+        counted = None
+        if sim.rounding != "stochastic" and not isinstance(fmt, DynamicFixedPoint):
+            # Rounding is element by element, the same for every call: the targets' own
+            # rounding, counted in one C call, holds the same values as q's target entries.
+            counted = quantize_count(target, fmt, sim.rounding, counts_only=True)
+        if counted is not None:
+            _, (target_nonzero, target_kept, *_) = counted
+            sim.count_targets(target_nonzero, target_nonzero - target_kept)
+        else:
+            target_nonzero = torch.count_nonzero(target)
+            target_flushed = target_nonzero - torch.count_nonzero(q[rows, labels])
+            sim.target_error_counts = sim.target_error_counts + torch.stack([target_nonzero, target_flushed]).double()
         if sim.zero_sum_error and not isinstance(sim.softmax_error, Float32):
             # The target's error is minus the sum of the rounded non-target errors, as an
             # accumulator holds it (on the fixed-point grid, at most a few steps beyond -1):
@@ -207,7 +407,15 @@ class Simulator:
         self.inputs: dict[str, _InputPoint] = {}
         self.grad_counts: dict[str, Counter] = {}
         self.softmax_input_counts, self.softmax_error_counts = Counter(), Counter()
-        self.target_error_counts = torch.zeros(2, dtype=torch.float64)  # non-zero, flushed
+        # The softmax error's target entries: non-zero, flushed (on the device, plus what the C
+        # kernels counted on the host; see target_error_counts).
+        self._target_device = torch.zeros(2, dtype=torch.float64)
+        self._target_host = [0, 0]
+        # The latest activations rounded onto a fixed-point grid: id -> (weak reference, version,
+        # format, its non-zeros if counted), so that a layer taking one of them unmodified as
+        # its input need not round it again (see _InputPoint.already_rounded).
+        self.on_grid: dict[int, tuple[weakref.ref, int, FixedPoint, int | None]] = {}
+        self.plans: dict[int, CountPlan] = {}  # id of a format -> its plan for the C kernels
         self._handles: list[Any] = []
         fp32 = Float32()
         # What each layer was seen to carry ("called", "input", "output": floating-point
@@ -215,18 +423,17 @@ class Simulator:
         self.seen: dict[str, set[str]] = {name: set() for name in layers}
         for name, formats in layers.items():
             module = modules[name]
-            self._handles.append(module.register_forward_pre_hook(_observe_input(self.seen[name])))
-            self._handles.append(module.register_forward_hook(_observe_output(self.seen[name])))
             input_format = formats.get("input", fp32)
+            input_point = None
             if not isinstance(input_format, Float32):
-                self.inputs[name] = _InputPoint(self, input_format)
-                self._handles.append(module.register_forward_pre_hook(_input_hook(self.inputs[name])))
+                input_point = self.inputs[name] = _InputPoint(self, input_format)
+            self._handles.append(module.register_forward_pre_hook(_input_hook(self.seen[name], input_point)))
             activation, error = formats.get("activation", fp32), formats.get("error", fp32)
             quantized = not (isinstance(activation, Float32) and isinstance(error, Float32))
+            point = None
             if name != output_layer and module is not model and quantized:
-                point = _LayerPoint(self, activation, error)
-                self.points[name] = point
-                self._handles.append(module.register_forward_hook(_output_hook(point)))
+                point = self.points[name] = _LayerPoint(self, activation, error)
+            self._handles.append(module.register_forward_hook(_output_hook(self.seen[name], point)))
             grad_format = formats.get("weight_grad", fp32)
             params = list(module.parameters(recurse=False)) if parameters is None else parameters.get(name, [])
             if not isinstance(grad_format, Float32) and params:
@@ -237,9 +444,24 @@ class Simulator:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy through the quantized softmax."""
-        if self.target_error_counts.device != logits.device:
-            self.target_error_counts = self.target_error_counts.to(logits.device)
+        if self._target_device.device != logits.device:
+            self._target_device = self._target_device.to(logits.device)
         return _SoftmaxCrossEntropy.apply(logits, labels, self)
+
+    @property
+    def target_error_counts(self) -> torch.Tensor:
+        """The softmax error's target entries over the run, as float64 ``[non-zero, flushed]``."""
+        if self._target_host == [0, 0]:
+            return self._target_device
+        host = torch.tensor(self._target_host, dtype=torch.float64, device=self._target_device.device)
+        return self._target_device + host
+
+    @target_error_counts.setter
+    def target_error_counts(self, value: torch.Tensor) -> None:
+        self._target_device, self._target_host = value, [0, 0]
+
+    def count_targets(self, nonzero: int, flushed: int) -> None:
+        self._target_host = [self._target_host[0] + nonzero, self._target_host[1] + flushed]
 
     def counts(self) -> dict[str, Any]:
         """Totals per layer and tensor, and for the softmax."""
@@ -272,34 +494,86 @@ class Simulator:
         self._handles.clear()
 
 
-def _output_hook(point: _LayerPoint):
+_EARLY_ERROR = 1 << 14  # elements: below, a hook costs more than the pass of the watch it saves
+# Autograd nodes (by class name) that keep their inputs but not their (first) output for
+# the backward pass: a layer output made by one of them can be rounded in place.
+_KEEP_NO_OUTPUT = frozenset({"AddmmBackward0", "MmBackward0", "ConvolutionBackward0", "NativeBatchNormBackward0"})
+
+
+def _output_hook(seen: set[str], point: _LayerPoint | None):
+    """Note that the layer's output held a floating-point tensor and round it (``point``)."""
+    remember = early = False
+    if point is not None:
+        sim = point.simulator
+        # An activation on a fixed-point grid is remembered for the next layer's input
+        # rounding; not with stochastic rounding, whose every call draws from the generator.
+        remember = isinstance(point.activation, FixedPoint) and sim.rounding != "stochastic"
+        # Errors rounded as they arrive (round_error_early): not with stochastic rounding, to
+        # leave the order of the generator's draws alone.
+        early = sim.rounding != "stochastic"
+
+    def round_output(t: torch.Tensor) -> torch.Tensor:
+        if t.requires_grad and torch.is_grad_enabled():
+            if early and point.round_in_place(t):
+                q = t
+            else:
+                q = _QuantizeOutput.apply(t, point)
+                if early and q.numel() >= _EARLY_ERROR:
+                    q.register_hook(point.round_error_early)
+        else:  # no error will come back: the rounding alone
+            q = point.forward(t)
+        if remember:
+            on_grid = sim.on_grid
+            if len(on_grid) >= 8:
+                del on_grid[next(iter(on_grid))]
+            on_grid[id(q)] = (weakref.ref(q), q._version, point.activation,
+                              point.activation_counts.last_nonzero if sim.recording else None)
+        return q
+
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-        return map_floating(output, lambda t: _QuantizeOutput.apply(t, point))
-    return hook
-
-
-def _observe_input(seen: set[str]):
-    def hook(module: nn.Module, args: tuple) -> None:
-        seen.add("called")
-        if "input" not in seen and floating_tensors(args):
-            seen.add("input")
-    return hook
-
-
-def _observe_output(seen: set[str]):
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
         if "output" not in seen and floating_tensors(output):
             seen.add("output")
+        if point is None:
+            return None
+        if type(output) is torch.Tensor:
+            return round_output(output) if output.is_floating_point() else output
+        return map_floating(output, round_output)
     return hook
 
 
-def _input_hook(point: _InputPoint):
-    def hook(module: nn.Module, args: tuple) -> tuple:
+def _holds(outer: Format, inner: FixedPoint) -> bool:
+    """Whether every value of the fixed-point ``inner`` is a value of ``outer``, which then
+    rounds it (to nearest or toward zero) to itself."""
+    return (isinstance(outer, FixedPoint) and outer.frac >= inner.frac
+            and outer.width - outer.frac >= inner.width - inner.frac)
+
+
+def _input_hook(seen: set[str], point: _InputPoint | None):
+    """Note that the layer was called (with a floating-point input) and round its inputs
+    (``point``)."""
+
+    def round_input(t: torch.Tensor) -> torch.Tensor:
+        if point.already_rounded(t) or point.unchanged(t):
+            return t  # its rounding is itself: no copy, and the gradient passes as it would
+        if t.requires_grad and torch.is_grad_enabled():
+            return _QuantizeInput.apply(t, point)
+        return point.forward(t)  # nothing to pass a gradient to (the model's input)
+
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if "input" not in seen:
+            seen.add("called")
+            if floating_tensors(args):
+                seen.add("input")
+        if point is None:
+            return None
+        if len(args) == 1 and type(args[0]) is torch.Tensor:
+            t = args[0]
+            return (round_input(t),) if t.is_floating_point() else args
         done: dict[int, torch.Tensor] = {}  # attention's query, key and value are often one tensor
 
         def round_once(t: torch.Tensor) -> torch.Tensor:
             if id(t) not in done:
-                done[id(t)] = _QuantizeInput.apply(t, point)
+                done[id(t)] = round_input(t)
             return done[id(t)]
         return map_floating(args, round_once)
     return hook
@@ -307,9 +581,10 @@ def _input_hook(point: _InputPoint):
 
 def _grad_hook(fmt: Format, counter: Counter, simulator: Simulator):
     def hook(param: torch.Tensor) -> None:
-        q = quantize(param.grad, fmt, simulator.rounding, simulator.generator)
-        counter.record(param.grad, q, fmt)
-        param.grad.copy_(q)
+        grad = param.grad
+        q = rounded(grad, fmt, simulator, counter, inplace=True, extra="nonfinite_q")  # in place: C kernels
+        if q is not grad:
+            grad.copy_(q)
     return hook
 
 
@@ -317,14 +592,16 @@ class NonFiniteWatch:
     """Finds where NaN or inf first appears in a training step: a layer's activation
     (forward), its error (backward), its weight gradient, or its weights after the update.
 
-    Hooks only collect device-side flags; :meth:`end_step` reads them with one
-    synchronization per step and names the first offender in execution order.
+    Hooks only collect flags: Python booleans for CPU tensors (one read pass of the C
+    kernels, or none where the simulator's kernels marked the tensor finite as they wrote
+    or read it), device-side flags elsewhere; :meth:`end_step` reads the device flags with
+    one synchronization per step and names the first offender in execution order.
     """
 
     def __init__(self, model: nn.Module, layers: list[str]) -> None:
         modules = dict(model.named_modules())
         self.layers = {name: modules[module_name(name)] for name in layers}
-        self._flags: list[tuple[str, str, torch.Tensor]] = []
+        self._flags: list[tuple[str, str, bool | torch.Tensor]] = []
         self._handles: list[Any] = []
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
@@ -333,7 +610,7 @@ class NonFiniteWatch:
                     lambda p, name=name: self._record(name, "weight_grad", p.grad)))
 
     def _record(self, layer: str, tensor: str, x: torch.Tensor) -> None:
-        self._flags.append((layer, tensor, torch.isfinite(x).all()))
+        self._flags.append((layer, tensor, all_finite(x)))
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -352,13 +629,29 @@ class NonFiniteWatch:
             for param in module.parameters(recurse=False):
                 self._record(name, "weight", param)
         flags, self._flags = self._flags, []
-        finite = torch.stack([f for _, _, f in flags] + [torch.isfinite(loss).all()])
-        if bool(finite.all()):
+        finite = [f for _, _, f in flags] + [all_finite(loss)]
+        on_device = [i for i, f in enumerate(finite) if isinstance(f, torch.Tensor)]
+        if on_device:  # one synchronization for all of them
+            for i, value in zip(on_device, torch.stack([finite[i] for i in on_device]).tolist(), strict=True):
+                finite[i] = value
+        if all(finite):
             return None
-        first = int((~finite).nonzero()[0])
+        first = finite.index(False)
         return flags[first][:2] if first < len(flags) else ("loss", "loss")
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def all_finite(x: torch.Tensor) -> bool | torch.Tensor:
+    """Whether ``x`` holds no NaN or inf: a Python bool from one read pass of the C kernels
+    (contiguous float32 CPU tensors), else a device-side flag (``torch.isfinite(x).all()``).
+    A tensor that the simulator's C kernels found finite as they wrote or read it (an
+    activation, an error, a weight gradient), unchanged since (its version), needs no pass."""
+    if getattr(x, "_lpcli_finite", None) == x._version:
+        return True
+    if x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() and kernel_backend() == "native":
+        return math.isfinite(absmax_value(x.detach()))
+    return torch.isfinite(x).all()

@@ -58,7 +58,17 @@ from typing import Any
 
 import torch
 
-from .formats import MAX_FIXED_WIDTH, FixedPoint, Float32, FloatFormat, Format, parse_format, quantize, saturated
+from .formats import (
+    MAX_FIXED_WIDTH,
+    DynamicFixedPoint,
+    FixedPoint,
+    Float32,
+    FloatFormat,
+    Format,
+    parse_format,
+    quantize,
+    saturated,
+)
 
 MODES = ("kahan", "plain", "stochastic")
 # The diagnostics' counters per tensor: updates u != 0 (moved) and those that left the weight
@@ -160,7 +170,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         kernels: the default on the CPU where they are built and the formats allow),
         ``"per-tensor"`` or a rule's own (:meth:`_choose_backend`). A tensor that does not
         suit the C kernels (not contiguous float32) takes the per-tensor path alone."""
-        key = (device.type, *((k, repr(v)) for k, v in group.items() if k not in ("params", "lr")))
+        key = (device.type, *((k, _setting(v)) for k, v in group.items() if k not in ("params", "lr")))
         cached = self._backends.get(id(group))
         if cached is None or cached[0] != key:
             cached = self._backends[id(group)] = (key, *self._choose_backend(group, device))
@@ -255,6 +265,20 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                     elements := sum(p.numel() for p in group["params"])) else None,
             })
         return report
+
+
+_IMMUTABLE = (int, float, str, type(None), FixedPoint, DynamicFixedPoint, FloatFormat, Float32)
+
+
+def _setting(value: Any) -> Any:
+    """A group setting as :meth:`LowPrecisionOptimizer._backend` compares it: immutable values
+    (numbers, strings, formats, tuples of them) as they are, since comparing them is cheaper
+    than writing them out; anything else (a list that might be changed in place) as its repr."""
+    if isinstance(value, _IMMUTABLE):
+        return value
+    if type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value):
+        return value
+    return repr(value)
 
 
 # --- the store, per tensor and per list of tensors ----------------------------------------------

@@ -1,0 +1,199 @@
+"""What the simulation costs: one training step of train-check's fp32, plain and Kahan runs.
+
+    PYTHONPATH=. python benchmarks/overhead.py [RECIPE ...] [--rounds 60] [--warmup 10] [--threads N]
+        [--profile plain|kahan] [--seed 0]
+
+For each recipe (default: digits-mlp, digits-cnn, fashion-cnn, fashion-resnet) the model,
+data, batches and plan come from the functions ``lpcli train-check`` uses (``prepare_run``,
+``batch_indices``, the default plan ``recommend(analyze(...))``), and each run's step is
+the body of ``lpcli.check._steps``: ``zero_grad``, the forward through ``run_model``, the
+loss (``Simulation.cross_entropy`` for the simulated runs), ``backward``, the optimizer's
+step (torch's for fp32; the plan's low-precision optimizer through
+:class:`lpcli.Simulation` for plain and Kahan), the schedule's step and
+``NonFiniteWatch.end_step``. Three copies of the model train side by side in one
+process, one step each per round (fp32, plain, Kahan, repeat) on the same batch, so that
+load from other processes hits all three alike. Printed per run: the minimum and median
+step time in milliseconds over the rounds (after ``--warmup`` untimed rounds), and each
+as a ratio to fp32's minimum / median.
+
+A recipe whose data is missing (Fashion-MNIST needs ``apt-get install
+dataset-fashion-mnist``) is skipped with the reason. ``--threads`` sets torch's thread
+count (default: torch's own). ``--profile RUN`` also prints torch.profiler's table of
+that run's step (self CPU time per operator, over ``--rounds`` steps).
+
+Targets (issue 14): simulated Kahan step <= 1.3x fp32 on fashion-cnn and fashion-resnet,
+<= 2x on digits-mlp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import lpcli
+from lpcli import distributed
+from lpcli.data import Dataset, batch_indices
+from lpcli.distributed import World
+from lpcli.errors import InputError
+from lpcli.formats import kernel_backend
+from lpcli.models import run_model
+from lpcli.plan import Plan
+from lpcli.recipe import Recipe, load_recipe
+from lpcli.recommend import recommend
+from lpcli.results import LOSS_EVERY
+from lpcli.simulate import NonFiniteWatch
+from lpcli.simulation import Simulation
+from lpcli.stats import analyze, prepare_run
+from lpcli.training import attach as attach_schedule
+from lpcli.training import rule_arguments, torch_optimizer
+
+RECIPES = ("digits-mlp", "digits-cnn", "fashion-cnn", "fashion-resnet")
+RUNS = ("fp32", "plain", "kahan")
+TARGETS = {"digits-mlp": 2.0, "fashion-cnn": 1.3, "fashion-resnet": 1.3}  # Kahan / fp32
+
+
+@dataclass
+class Run:
+    """One of train-check's runs, ready to step: what ``check._train`` sets up."""
+
+    name: str
+    step: Callable[[torch.Tensor], None]
+    close: Callable[[], None]
+
+
+def make_run(name: str, recipe: Recipe, plan: Plan, model: torch.nn.Module, data: Dataset, seed: int, world: World,
+             steps: int) -> Run:
+    training = recipe.training
+    torch.manual_seed(seed)
+    gradient_sum = distributed.GradientSum(model, world)
+    simulation = None
+    if name == "fp32":
+        optimizer = torch_optimizer(model.parameters(), training)
+        loss_fn = F.cross_entropy
+    else:
+        simulation = Simulation(model, plan, source="plan")
+        simulation.attach()
+        optimizer = simulation.optimizer(lr=training.lr, rule=training.optimizer, mode=name, seed=seed,
+                                         **rule_arguments(training))
+        loss_fn = simulation.cross_entropy
+    watch = NonFiniteWatch(model, list(plan.layers))
+    schedule = attach_schedule(optimizer, training, steps)
+    model.train()
+    recent = torch.zeros((), device=data.x_train.device)
+    done = 0
+
+    def step(index: torch.Tensor) -> None:  # the body of lpcli.check._steps
+        nonlocal recent, done
+        optimizer.zero_grad(set_to_none=True)
+        logits = run_model(model, data.x_train[index], recipe.source, recipe.model_label)
+        loss = loss_fn(logits, data.y_train[index])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        where = distributed.first_problem(watch.end_step(loss), world, data.x_train.device)
+        if where is not None:
+            raise RuntimeError(f"{name} diverged in {where}")
+        recent = recent + loss.detach()
+        done += 1
+        if done % LOSS_EVERY == 0:
+            float(distributed.all_sum(loss.detach().clone(), world))
+
+    def close() -> None:
+        watch.remove()
+        gradient_sum.remove()
+        if simulation is not None:
+            simulation.detach()
+
+    return Run(name, step, close)
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, list[float]] | None:
+    try:
+        recipe = load_recipe(name)
+        world, device = distributed.setup("cpu")
+        seed, data, model = prepare_run(recipe, args.seed, None, device)
+    except InputError as exc:
+        print(f"{name}: skipped ({exc})")
+        return None
+    plan = recommend(analyze(recipe, seed=seed, data=data), precision=recipe.precision, source=recipe.source)
+    steps = args.warmup + args.rounds
+    batches = batch_indices(len(data.y_train), recipe.training.batch_size, steps, seed)
+    initial = copy.deepcopy(model.state_dict())
+    runs = []
+    for run in RUNS:
+        copy_ = copy.deepcopy(model)
+        copy_.load_state_dict(initial)
+        runs.append(make_run(run, recipe, plan, copy_, data, seed, world, steps))
+    times: dict[str, list[float]] = {run.name: [] for run in runs}
+    try:
+        for i, index in enumerate(batches):
+            for run in runs:
+                t0 = time.perf_counter()
+                run.step(index)
+                elapsed = time.perf_counter() - t0
+                if i >= args.warmup:
+                    times[run.name].append(elapsed)
+        if args.profile:
+            profile(next(r for r in runs if r.name == args.profile), batches[: args.rounds], name)
+    finally:
+        for run in runs:
+            run.close()
+    print(f"{name}: batch {len(batches[0])}, {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(plan.layers)} planned layers")
+    return times
+
+
+def profile(run: Run, batches: list[torch.Tensor], name: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for index in batches:
+            run.step(index)
+    print(f"\n{name}, {run.name} step, {len(batches)} steps:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", default=list(RECIPES))
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", choices=("fp32", "plain", "kahan"), default=None)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds "
+          f"after {args.warmup} warm-up rounds; lpcli from {lpcli.__file__.rsplit('/', 2)[0]}, "
+          f"{kernel_backend()} kernels")
+    rows = []
+    for name in args.recipes:
+        times = measure(name, args)
+        if times is not None:
+            rows.append((name, times))
+    header = (f"{'recipe':>15} | {'fp32 ms min/med':>16} | {'plain ms min/med':>16} | {'kahan ms min/med':>16} | "
+              f"{'plain/fp32':>11} | {'kahan/fp32':>11} | target")
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, times in rows:
+        mins = {run: min(t) * 1e3 for run, t in times.items()}
+        meds = {run: statistics.median(t) * 1e3 for run, t in times.items()}
+        cells = [f"{mins[run]:7.2f}/{meds[run]:<8.2f}" for run in RUNS]
+        ratios = [f"{mins[run] / mins['fp32']:4.2f}/{meds[run] / meds['fp32']:<6.2f}" for run in ("plain", "kahan")]
+        target = TARGETS.get(name)
+        verdict = "" if target is None else (
+            f"<= {target:g}: {'met' if mins['kahan'] / mins['fp32'] <= target else 'missed'}")
+        print(f"{name:>15} | {cells[0]:>16} | {cells[1]:>16} | {cells[2]:>16} | {ratios[0]:>11} | {ratios[1]:>11} | "
+              f"{verdict}")
+
+
+if __name__ == "__main__":
+    main()
