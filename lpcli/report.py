@@ -189,8 +189,8 @@ def _render_seeds(report: CheckReport, console: Console) -> None:
     for col in ("seed", "fp32", "Kahan", "lost", "gained"):
         table.add_column(col, justify="left" if col == "seed" else "right")
     for s in report.verdict.seeds:
-        lost, gained = ("-", "-") if s.counts is None else (str(s.counts.reference_only), str(s.counts.other_only))
-        table.add_row(str(s.seed), _pct(s.fp32_accuracy, 2), _pct(s.kahan_accuracy, 2), lost, gained)
+        table.add_row(str(s.seed), _pct(s.fp32_accuracy, 2), _pct(s.kahan_accuracy, 2), str(s.counts.reference_only),
+                      str(s.counts.other_only))
     console.print(table)
 
 

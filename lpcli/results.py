@@ -106,14 +106,11 @@ class SeedResult:
     seed: int
     fp32_accuracy: float | None
     kahan_accuracy: float | None
-    counts: PairedCounts | None  # None when a run diverged
+    counts: PairedCounts  # a diverged run ends the verdict before its seed is listed
 
     def document(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"seed": self.seed, "fp32_accuracy": self.fp32_accuracy,
-                               "kahan_accuracy": self.kahan_accuracy}
-        if self.counts is not None:
-            doc["discordant"] = _discordant(self.counts)
-        return doc
+        return {"seed": self.seed, "fp32_accuracy": self.fp32_accuracy, "kahan_accuracy": self.kahan_accuracy,
+                "discordant": _discordant(self.counts)}
 
 
 @dataclass(frozen=True)
