@@ -113,10 +113,14 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
     runs = {name: r.summary if name == "fp32" else replace(r.summary, gap_to_fp32=_gap(fp32, r.summary.test_accuracy))
             for name, r in results.items()}
     diagnostics: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in plan.layers}
+    attention: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in plan.attention}
     for run, result in results.items():
         for name, values in (result.diagnostics or {}).get("layers", {}).items():
             for key, value in values.items():
                 diagnostics[name].setdefault(key, {})[run] = value
+        for name, values in (result.diagnostics or {}).get("attention", {}).items():
+            for key, value in values.items():
+                attention[name].setdefault(key, {})[run] = value
     return CheckReport(
         recipe=recipe.source,
         data=DataSummary(setup.data.name, setup.data.classes, len(setup.data.y_train), len(setup.data.y_test),
@@ -127,6 +131,7 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         runs=runs,
         diagnostics=diagnostics,
         softmax={run: r.diagnostics["softmax"] for run, r in results.items() if r.diagnostics is not None},
+        attention=attention,
         kept_fp32=results["kahan"].kept_fp32 or [],
         verdict=paired_verdict([(o[0].seed, o[1]["fp32"], o[1]["kahan"]) for o in outcomes], tolerance),
         seconds=seconds,
@@ -305,6 +310,7 @@ def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> Non
     counters = [c for point in simulator.points.values() for c in (point.activation_counts, point.error_counts)]
     counters += [point.counts for point in simulator.inputs.values()]
     counters += [simulator.softmax_input_counts, simulator.softmax_error_counts]
+    counters += [c for point in simulator.attention.values() for c in point.counts.values()]
     for counter in counters:
         if counter.totals is None:
             counter.totals = torch.zeros(4, dtype=torch.float64, device=device)

@@ -1,10 +1,15 @@
-"""Datasets a recipe can name: scikit-learn's digits, generated Gaussian classes, the
-user's own arrays in an ``.npz`` file, MNIST-1D, or Fashion-MNIST's IDX files from a
-folder (the Debian package ``dataset-fashion-mnist``). Nothing is downloaded.
+"""Datasets a recipe can name: scikit-learn's digits, generated Gaussian classes, generated
+token sequences, the user's own arrays in an ``.npz`` file, MNIST-1D, or Fashion-MNIST's
+IDX files from a folder (the Debian package ``dataset-fashion-mnist``). Nothing is
+downloaded.
 
 Features are standardized unless the recipe says ``standardize: false``; integer features
 in an ``.npz`` (token ids) are kept as they are unless it says ``standardize: true``.
-Fashion-MNIST's pixels are scaled to [0, 1] instead unless it says ``standardize: true``."""
+Fashion-MNIST's pixels are scaled to [0, 1] instead unless it says ``standardize: true``.
+
+``tokens`` (see :func:`_repeated_tokens`) are int64 token ids, always kept as they are:
+each sequence's label is the one token that occurs ``repeats`` times in it, so a model
+has to compare the tokens across the whole sequence (what attention does) to find it."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from .schema import Fields
 DATA_KEYS = {
     "digits": ("name", "test_fraction", "seed", "standardize"),
     "synthetic": ("name", "classes", "dim", "samples", "noise", "test_fraction", "seed", "standardize"),
+    "tokens": ("name", "classes", "vocab", "length", "repeats", "samples", "test_fraction", "seed", "standardize"),
     "npz": ("name", "path", "classes", "test_fraction", "seed", "standardize"),
     "mnist1d": ("name", "samples", "seed", "standardize"),
     "fashion-mnist": ("name", "path", "standardize"),
@@ -92,6 +98,8 @@ def validate_data_spec(data: Fields, base_dir: Path) -> dict[str, Any]:
                     samples=data.integer("samples", low=2), noise=data.number("noise", 1.0, low=0.0))
         if spec["samples"] < 2 * spec["classes"]:
             data.fail(f"needs at least 2 samples per class ({2 * spec['classes']})", field=data.sub("samples"))
+    elif name == "tokens":
+        _validate_tokens(data, spec)
     elif name == "mnist1d":
         spec.update(samples=data.integer("samples", 5000, low=100))
     elif name == "npz":
@@ -102,6 +110,30 @@ def validate_data_spec(data: Fields, base_dir: Path) -> dict[str, Any]:
         path = Path(data.string("path", FASHION_MNIST_DIR))
         spec["path"] = str(path if path.is_absolute() else base_dir / path)
     return spec
+
+
+def _validate_tokens(data: Fields, spec: dict[str, Any]) -> None:
+    """The ``tokens`` fields into ``spec``, each refused on its own with its name."""
+    if spec["standardize"]:
+        data.fail("token ids are categories, not measurements: tokens cannot be standardized "
+                  "(leave standardize out, or false)", field=data.sub("standardize"))
+    classes = data.integer("classes", 1000, low=2, high=100_000)
+    vocab = data.integer("vocab", classes, low=2)
+    if vocab < classes:
+        data.fail(f"must be >= classes ({classes}): every label is a token", field=data.sub("vocab"))
+    length = data.integer("length", 32, low=3)
+    repeats = data.integer("repeats", 4, low=2)
+    if repeats >= length:
+        data.fail(f"must be < length ({length}): other tokens need room", field=data.sub("repeats"))
+    needed = 1 + math.ceil((length - repeats) / (repeats - 1))
+    if vocab < needed:
+        data.fail(f"is too small for length {length} and repeats {repeats}: the {length - repeats} other "
+                  f"positions, each token fewer than {repeats} times, need vocab >= {needed}",
+                  field=data.sub("vocab"))
+    samples = data.integer("samples", 30_000, low=2)
+    if samples < 2 * classes:
+        data.fail(f"needs at least 2 samples per class ({2 * classes})", field=data.sub("samples"))
+    spec.update(classes=classes, vocab=vocab, length=length, repeats=repeats, samples=samples)
 
 
 def load_data(spec: dict[str, Any], source: str) -> Dataset:
@@ -118,6 +150,11 @@ def load_data(spec: dict[str, Any], source: str) -> Dataset:
         x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"], source)
         return _dataset(x_train, y_train, x_test, y_test, spec["classes"], f"synthetic-{spec['classes']}",
                         _standardize(spec))
+    if name == "tokens":
+        x, y = _repeated_tokens(spec)
+        x_train, y_train, x_test, y_test = _split(x, y, spec["test_fraction"], spec["seed"], source)
+        return _dataset(x_train, y_train, x_test, y_test, spec["classes"], f"tokens-{spec['classes']}",
+                        _standardize(spec, integer=True))
     if name == "mnist1d":
         return _mnist1d(spec, source)
     if name == "fashion-mnist":
@@ -237,6 +274,37 @@ def _gaussian_classes(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     y = np.arange(spec["samples"]) % classes
     x = means[y] + spec["noise"] * rng.standard_normal((spec["samples"], dim))
     return x, y.astype(np.int64)
+
+
+def _repeated_tokens(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` int64 sequences of ``length`` token ids in ``[0, vocab)`` and their labels.
+
+    The labels take each of the ``classes`` values equally often (as ``synthetic``'s do), in
+    random order. A sequence labelled ``c`` holds the token ``c`` at ``repeats`` distinct random
+    positions; every other position holds a token drawn uniformly from ``[0, vocab)`` without
+    ``c``, redrawn while it has already been drawn ``repeats - 1`` times in that sequence. So
+    ``c`` is the only token occurring ``repeats`` times: the label is well defined, and no
+    single position or token value gives it away; a model has to compare tokens across
+    positions. For a vocabulary much larger than the length (the default: 1000 and 32) the
+    redraw almost never happens and the other tokens are plain uniform draws.
+    """
+    rng = np.random.default_rng(spec["seed"])
+    samples, vocab, length, repeats = spec["samples"], spec["vocab"], spec["length"], spec["repeats"]
+    y = rng.permutation(np.arange(samples) % spec["classes"]).astype(np.int64)
+    others = np.empty((samples, length - repeats), dtype=np.int64)
+    for j in range(length - repeats):
+        redraw = np.arange(samples)
+        while len(redraw):
+            drawn = rng.integers(0, vocab - 1, size=len(redraw))
+            drawn += drawn >= y[redraw]  # uniform over [0, vocab) without the label
+            others[redraw, j] = drawn
+            full = (others[redraw, :j] == drawn[:, None]).sum(axis=1) >= repeats - 1
+            redraw = redraw[full]
+    label_at = np.argsort(rng.random((samples, length)), axis=1) < repeats  # repeats random positions
+    x = np.empty((samples, length), dtype=np.int64)
+    x[label_at] = np.repeat(y, repeats)
+    x[~label_at] = others.reshape(-1)
+    return x, y
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, source: str):

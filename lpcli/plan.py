@@ -15,8 +15,15 @@ As ``recommend`` writes it and a user may edit it::
     softmax_input: fx8.4        # z - max(z) at the last layer's output; the class-count bound
     softmax_error: fx5.4        # p - y, before the 1/batch mean
     softmax_error_rows: zero-sum  # the target's error is minus the rounded others (or: each)
+    attention_rows: each        # rounded rows of attention's P enter P·V as they are (or: renormalized)
     optimizer: {kahan: true}    # comp_format: one compensation format for every layer, overriding theirs
     reasons: {...}              # one line per decision (informative; ignored when read)
+
+A module that computes attention (``nn.MultiheadAttention``, or any module calling
+``F.scaled_dot_product_attention``) has ``attention: {input, probs, input_error,
+probs_error}`` in its entry (see :mod:`lpcli.attention`); a module with no parameters of
+its own (a user's attention block around its projections) has an entry with ``attention``
+alone.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .attention import ROLES as ATTENTION_ROLES
+from .attention import ROWS as ATTENTION_ROWS
 from .files import check_header, header
 from .formats import FixedPoint, Format
 from .optim import compensation_format
@@ -43,7 +52,7 @@ TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum", 
 # default derived from the weight format (lpcli.optim.compensation_format).
 OPTIONAL_TENSORS = ("input", "momentum", "variance", "compensation")
 PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "keep_fp32", "tied", "softmax_input", "softmax_error",
-             "softmax_error_rows", "optimizer", "reasons", "summary", "source", "verify")
+             "softmax_error_rows", "attention_rows", "optimizer", "reasons", "summary", "source", "verify")
 # How the rounded softmax error is formed: "zero-sum" (the target's error is minus the sum of
 # the rounded non-target errors, so every row sums to zero) or "each" (every entry rounded).
 ERROR_ROWS = ("zero-sum", "each")
@@ -65,6 +74,9 @@ class Plan:
     parameters: dict[str, list[str] | None] = field(default_factory=dict)
     keep_fp32: tuple[str, ...] = ()
     tied: dict[str, str] = field(default_factory=dict)
+    # Per module computing attention, the formats of its softmax (lpcli.attention.ROLES).
+    attention: dict[str, dict[str, Format]] = field(default_factory=dict)
+    attention_rows: str = "each"
 
     def document(self) -> dict[str, Any]:
         optimizer: dict[str, Any] = {"kahan": self.kahan}
@@ -74,7 +86,7 @@ class Plan:
             "lpcli": header("plan"),
             "classes": self.classes,
             "output_layer": self.output_layer,
-            "layers": {name: self._layer_document(name) for name in self.layers},
+            "layers": {name: self._layer_document(name) for name in self.layers | self.attention},
             "keep_fp32": list(self.keep_fp32),
             "tied": dict(self.tied),
             "softmax_input": str(self.softmax_input),
@@ -82,6 +94,8 @@ class Plan:
             "softmax_error_rows": self.softmax_error_rows,
             "optimizer": optimizer,
         }
+        if self.attention:
+            doc["attention_rows"] = self.attention_rows
         if self.reasons:
             doc["reasons"] = self.reasons
         if self.summary:
@@ -89,9 +103,13 @@ class Plan:
         return doc
 
     def _layer_document(self, name: str) -> dict[str, Any]:
-        entry: dict[str, Any] = {t: str(self.layers[name][t]) for t in TENSORS}
-        if self.parameters.get(name) is not None:
-            entry["parameters"] = list(self.parameters[name])
+        entry: dict[str, Any] = {}
+        if name in self.layers:
+            entry = {t: str(self.layers[name][t]) for t in TENSORS}
+            if self.parameters.get(name) is not None:
+                entry["parameters"] = list(self.parameters[name])
+        if name in self.attention:
+            entry["attention"] = {role: str(fmt) for role, fmt in self.attention[name].items()}
         return entry
 
     def with_fraction_bits(self, tensor: str, width: int) -> Plan:
@@ -142,8 +160,14 @@ def plan_from_document(doc: Any, source: str) -> Plan:
         layers_section.fail("has no layers")
     layers: dict[str, dict[str, Format]] = {}
     parameters: dict[str, list[str] | None] = {}
+    attention: dict[str, dict[str, Format]] = {}
     for name, raw in layers_section.value.items():
-        entry = Fields(source, layers_section.sub(name), raw, TENSORS + ("parameters",))
+        entry = Fields(source, layers_section.sub(name), raw, TENSORS + ("parameters", "attention"))
+        if entry.has("attention"):
+            section = entry.section("attention", ATTENTION_ROLES)
+            attention[str(name)] = {role: section.format(role, "fp32") for role in ATTENTION_ROLES}
+            if not any(entry.has(t) for t in TENSORS) and not entry.has("parameters"):
+                continue  # a module with attention and nothing else to plan
         fmts = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None) for t in TENSORS}
         if not entry.has("compensation"):
             fmts["compensation"] = compensation_format(fmts["weight"])
@@ -172,6 +196,8 @@ def plan_from_document(doc: Any, source: str) -> Plan:
         parameters=parameters,
         keep_fp32=tuple(keep_fp32),
         tied=dict(tied),
+        attention=attention,
+        attention_rows=top.string("attention_rows", "each", choices=ATTENTION_ROWS),
     )
     if plan.output_layer is not None:
         entry = plan.layers[plan.output_layer]

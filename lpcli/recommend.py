@@ -59,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .attention import ROLES as ATTENTION_ROLES
 from .errors import InputError
 from .formats import MAX_FIXED_WIDTH, FixedPoint, Float32, FloatFormat, Format
 from .models import ROOT
@@ -86,6 +87,10 @@ class Rules:
     softmax_error_margin: int = 0  # softmax error fixed point: bits beyond F = ceil(log2 N)
     softmax_input_man: int = 2  # softmax input float: mantissa bits
     softmax_error_man: int = 2  # softmax error float: mantissa bits
+    attention_probs_margin: int = 0  # attention P fixed point: fraction bits beyond ceil(log2 N_keys)
+    attention_probs_man: int = 2  # attention P float: mantissa bits
+    attention_input_frac: int = 2  # attention S - rowmax(S) fixed point: fraction bits (a step of 2^-F nats)
+    attention_input_man: int = 2  # attention S - rowmax(S) float: mantissa bits
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
     family: str = "fixed"  # "fixed" (fx<W>.<F>) or "float" (e<E>m<M>fn)
@@ -345,6 +350,85 @@ def softmax_formats(classes: int, rules: Rules | None = None, family: str = "fix
     raise ValueError(f"family must be 'fixed' or 'float', got {family!r}")
 
 
+def attention_probs_format(keys: int, rules: Rules, family: str) -> tuple[Format, str]:
+    """The probabilities ``P`` of an attention softmax over ``keys`` keys, in ``[0, 1]``.
+
+    At the start of training a key holds ``p ~ 1/N``, and a step coarser than that flushes
+    it (nearest rounding flushes ``p < step/2``): the output softmax's class-count bound
+    with the key count for the class count. Fixed point: one integer bit (the sign; 1
+    itself saturates to ``1 - 2^-F``, one step) and ``F = ceil(log2 N) +
+    attention_probs_margin`` fraction bits. Float: the fewest exponent bits whose smallest
+    subnormal is at most ``1/(2N)`` and whose largest value reaches 1, and
+    ``attention_probs_man`` mantissa bits. ``benchmarks/attention_sweep.py`` measures both
+    against training.
+    """
+    log2n = math.ceil(math.log2(max(keys, 2)))
+    if family == "float":
+        fmt = _smallest_float(rules.attention_probs_man, lambda f: f.step <= 1 / (2 * keys) and f.max_value >= 1)
+        return fmt, (f"P in [0, 1]; a key's p ~ 1/N = {1 / keys:.3g} at the start (N = {keys} keys) must survive "
+                     f"rounding: {fmt.exp} exponent bits (smallest subnormal {fmt.step:.3g} <= 1/(2N)); {fmt.man} "
+                     f"mantissa bits (relative step 2^-{fmt.man})")
+    frac = log2n + rules.attention_probs_margin
+    fmt = FixedPoint(frac + 1, frac)
+    margin = f" {rules.attention_probs_margin:+d} bit" if rules.attention_probs_margin else ""
+    return fmt, (f"P in [0, 1); a key's p ~ 1/N = {1 / keys:.3g} at the start (N = {keys} keys) must not flush: "
+                 f"step <= 1/N, F = ceil(log2 N) = {log2n}{margin}: flushes only p < {2.0 ** -(frac + 1):.3g}")
+
+
+def attention_input_format(keys: int, summary: dict[str, Any], rules: Rules, family: str) -> tuple[Format, str]:
+    """The softmax input ``S - rowmax(S)`` of an attention over ``keys`` keys (values <= 0).
+
+    Range: the score spread in the stats (``|S - rowmax(S)|``, its 99.9th percentile or
+    maximum, ``range_from``) with ``headroom_bits`` doublings for the scores to sharpen as
+    training goes on. A score saturated at ``-R`` keeps ``e^-R`` of the top key's weight,
+    so ``N`` keys keep at most ``N e^-R`` between them (said in the reason). Resolution: a
+    step of ``2^-F`` nats moves a probability by a factor of at most ``e^(2^-(F+1))``, the
+    same for every N: ``attention_input_frac`` fraction bits, or ``attention_input_man``
+    mantissa bits (a float is finer near 0, where the keys that matter sit).
+    """
+    top, name = range_top(summary, rules.range_from, "input") if summary else (0.0, "max")
+    integer = range_bits(top, rules.headroom_bits) if top > 0 else 2
+    reach = 2.0 ** (integer - 1)
+    if family == "float":
+        fmt = _smallest_float(rules.attention_input_man, lambda f: f.max_value >= reach * (1 - 2.0 ** -(
+            rules.attention_input_man + 1)))
+        reach = fmt.max_value
+        what = f"{fmt.exp} exponent bits (max {fmt.max_value:g}); {fmt.man} mantissa bits (relative step 2^-{fmt.man})"
+    else:
+        fmt = FixedPoint(integer + rules.attention_input_frac, rules.attention_input_frac)
+        what = (f"{integer} integer bits; {fmt.frac} fraction bits (a step of {fmt.step:g} nats moves p by at most "
+                f"x{math.exp(fmt.step / 2):.3f})")
+    return fmt, (f"S-rowmax(S): score spread {name} {top:.3g} (+{rules.headroom_bits} bit) -> range -{reach:g}: "
+                 f"{what}; "
+                 f"N = {keys} keys saturated there keep at most N e^-R = {keys * math.exp(-reach):.2g} of the top "
+                 f"key's weight")
+
+
+def recommend_attention(entry: dict[str, Any], rules: Rules) -> tuple[dict[str, Format], dict[str, str]]:
+    """Formats and reasons for one module's attention (``entry``: its stats, see
+    :mod:`lpcli.stats`): P and ``S - rowmax(S)`` from the key count and the score spread,
+    the errors ``dP`` and ``dS`` from their statistics by the error rules."""
+    keys = int(entry.get("keys") or 0)
+    formats: dict[str, Format] = {}
+    reasons: dict[str, str] = {}
+    if not keys:
+        for role in ATTENTION_ROLES:
+            formats[role], reasons[role] = Float32(), "no attention seen in the analyzed steps: nothing to round"
+        return formats, reasons
+    formats["input"], reasons["input"] = attention_input_format(keys, entry.get("input") or {}, rules, rules.family)
+    formats["probs"], reasons["probs"] = attention_probs_format(keys, rules, rules.family)
+    rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
+    for role in ("input_error", "probs_error"):
+        if entry.get(role):
+            formats[role], reasons[role] = rule("error", entry[role], {"p50": 0.0}, rules)
+        else:
+            formats[role], reasons[role] = Float32(), "no error seen (nothing trained through it): nothing to round"
+    for role in ("input", "probs"):
+        formats[role], note = finish(formats[role], rules)
+        reasons[role] += note
+    return formats, reasons
+
+
 def _float(exp: int, man: int) -> FloatFormat:
     """``e<E>m<M>fn`` (saturating) below 8 exponent bits, IEEE-style ``e8m<M>`` at 8."""
     return FloatFormat(exp, man, finite=exp < 8)
@@ -595,9 +679,13 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
                             "tensor" if rules.kahan else "Kahan summation off (recipe): weights sized for plain SGD")
     parameters = {name: list(layer["parameter_names"]) if "parameter_names" in layer else None
                   for name, layer in stats["layers"].items()}
+    attention: dict[str, dict[str, Format]] = {}
+    for name, entry in (stats.get("attention") or {}).items():
+        attention[name], why = recommend_attention(entry, rules)
+        reasons.setdefault(name, {})["attention"] = why
     plan = Plan(layers=layers, softmax_input=softmax_input, softmax_error=softmax_error, kahan=rules.kahan,
                 classes=classes, output_layer=output_layer, reasons=reasons, parameters=parameters,
-                tied=dict(stats.get("tied") or {}))
+                tied=dict(stats.get("tied") or {}), attention=attention)
     return replace(plan, summary=summarize(plan, stats))
 
 

@@ -75,7 +75,18 @@ def render_stats(doc: dict[str, Any], console: Console) -> None:
             table.add_row(label if index == 0 else "", kind, _num(s.get("absmax")), _num(s.get("p99")),
                           _num(s.get("rms")), _pct(s.get("zero_share"), 0))
         table.add_section()
+    for name, entry in (doc.get("attention") or {}).items():
+        label = f"{short_name(name)} ({entry.get('module', '?')}, attention over {entry.get('keys', 0)} keys)"
+        roles = [r for r in ("input", "probs", "input_error", "probs_error") if entry.get(r)]
+        for index, role in enumerate(roles):
+            s = entry[role]
+            table.add_row(label if index == 0 else "", ATTENTION_STATS[role], _num(s.get("absmax")),
+                          _num(s.get("p99")), _num(s.get("rms")), _pct(s.get("zero_share"), 0))
+        table.add_section()
     console.print(table)
+
+
+ATTENTION_STATS = {"input": "S-rowmax(S)", "probs": "P", "input_error": "dS", "probs_error": "dP"}
 
 
 ROLE_HEADERS = {"input": "input", "weight": "weight", "activation": "output", "error": "error",
@@ -112,6 +123,9 @@ def render_plan(plan: Plan, console: Console, full: bool = False) -> None:
                   highlight=False)
     console.print(f"optimizer: {plan.reasons.get('optimizer', 'Kahan on' if plan.kahan else 'plain SGD')}",
                   highlight=False)
+    for name, fmts in plan.attention.items():
+        formats = ", ".join(f"{role} {fmt}" for role, fmt in fmts.items())
+        console.print(f"attention in {name}: {formats}", highlight=False)
     if full or len(plan.layers) <= 4:
         _render_reasons(plan, console)
     else:
@@ -129,6 +143,10 @@ def _render_reasons(plan: Plan, console: Console) -> None:
         for tensor in TENSORS:
             why = plan.reasons.get(name, {}).get(tensor, "")
             reasons.add_row(short_name(name) if tensor == TENSORS[0] else "", tensor, str(fmts[tensor]), why)
+    for name, fmts in plan.attention.items():
+        whys = plan.reasons.get(name, {}).get("attention", {})
+        for i, (role, fmt) in enumerate(fmts.items()):
+            reasons.add_row(short_name(name) if i == 0 else "", f"attention {role}", str(fmt), whys.get(role, ""))
     console.print(reasons)
 
 
@@ -171,6 +189,7 @@ def render_check(report: CheckReport, console: Console, full: bool = False) -> N
     _render_runs(report, console)
     _render_diagnostics(report, console, full)
     _render_softmax(report, console)
+    _render_attention(report, console)
     if report.kept_fp32:
         console.print("left in float32 (not simulated):", highlight=False)
         for item in report.kept_fp32:
@@ -245,6 +264,28 @@ def _render_diagnostics(report: CheckReport, console: Console, full: bool) -> No
                     "rounded to zero; sat: values saturated (the largest share over the layer's tensors)")
     console.print(diag)
     _hidden_note(console, hidden, "those with the smallest Kahan diagnostics")
+
+
+ATTENTION_COLUMNS = {"P flushed": "probs_flushed", "S sat": "input_saturated", "dP uf": "probs_error_underflow",
+                     "dS uf": "input_error_underflow"}
+
+
+def _render_attention(report: CheckReport, console: Console) -> None:
+    if not report.attention:
+        return
+    lp_runs = report.low_precision_runs
+    table = Table(title=f"Attention per module, {' / '.join(lp_runs)}, in %", title_justify="left",
+                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("module", "keys", "input", "probs", *ATTENTION_COLUMNS):
+        table.add_column(col, justify="left" if col in ("module", "input", "probs") else "right", no_wrap=True)
+    for name, d in report.attention.items():
+        fmts = report.plan.attention[name]
+        keys = max((int(v) for v in d.get("keys", {}).values() if v), default=0)
+        table.add_row(short_name(name, 20), str(keys or "-"), str(fmts["input"]), str(fmts["probs"]),
+                      *(_pair(d.get(key, {}), lp_runs) for key in ATTENTION_COLUMNS.values()))
+    table.caption = ("P flushed: non-zero probabilities rounded to zero; S sat: softmax inputs S - rowmax(S) "
+                     "saturated; uf: non-zero errors at P (dP) and at the softmax input (dS) rounded to zero")
+    console.print(table)
 
 
 def _render_softmax(report: CheckReport, console: Console) -> None:

@@ -170,7 +170,10 @@ class CheckReport:
     where nothing was counted), for the low-precision runs: keys ``lost_updates``,
     ``lost_mass``, ``weight_saturated`` and ``<role>_underflow`` / ``<role>_saturated``;
     softmax ``logits_saturated``, ``non_target_errors_flushed``, ``error_underflow`` and
-    ``test_rows_tied``.
+    ``test_rows_tied``. ``attention[module][key][run]``: each attention module's ``keys``
+    (the most keys a row had) and shares ``probs_flushed``, ``probs_saturated``,
+    ``input_saturated``, ``input_underflow``, ``probs_error_underflow``,
+    ``input_error_underflow`` (see :func:`lpcli.simulation.attention_diagnostics`).
     """
 
     recipe: str
@@ -184,6 +187,7 @@ class CheckReport:
     kept_fp32: list[str]
     verdict: Verdict
     seconds: dict[str, float] = field(default_factory=dict)
+    attention: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
 
     @property
     def low_precision_runs(self) -> tuple[str, ...]:
@@ -199,6 +203,7 @@ class CheckReport:
             "runs": {name: run.document() for name, run in self.runs.items()},
             "diagnostics": self.diagnostics,
             "softmax": self.softmax,
+            "attention": self.attention,
             "kept_fp32": list(self.kept_fp32),
             "verdict": self.verdict.document(),
             "timing": {"seconds": dict(self.seconds)},

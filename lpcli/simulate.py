@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import ROLES as ATTENTION_ROLES
+from .attention import AttentionMode, mode_around, simulated_softmax
 from .formats import (
     CountPlan,
     Counts,
@@ -65,9 +67,11 @@ COUNT_FIELDS = ("elements", "nonzero", "saturated", "underflow")
 # formats lpcli does not model yet, and every report lists them as float32.
 NOT_SIMULATED = (
     "matmul and convolution accumulators (products summed in float32)",
-    "the softmax's exp, sum and log",
+    "the softmax's exp, sum and log (the output softmax's and attention's)",
     "values inside a planned module between its input and its output (an RNN's gates and state per step, "
-    "attention scores and probabilities, a norm's mean and variance)",
+    "a norm's mean and variance, MultiheadAttention's projected query, key and value and the P·V entering its "
+    "out_proj)",
+    "attention in modules without attention formats in the plan (scores, probabilities and their errors)",
     "outputs of modules without parameters (activation functions, pooling, residual sums) until they enter a "
     "planned layer",
 )
@@ -109,6 +113,16 @@ class Counter:
         ])
         self._device = counts if self._device is None else self._device.add_(counts)
         self.last_nonzero = None
+
+    def exclude(self, elements: torch.Tensor) -> None:
+        """Take back elements counted by the last rounding that were not values (masked
+        attention entries rounded as zeros: nothing saturated or underflowed among them)."""
+        if self._host is not None and elements.device.type == "cpu":
+            self._host[0] -= int(elements)
+        else:
+            self._device = self._device.clone() if self._device is not None else torch.zeros(
+                len(COUNT_FIELDS), dtype=torch.float64, device=elements.device)
+            self._device[0] -= elements.double()
 
     def add(self, elements: int, nonzero: int, nonzero_rounded: int, saturated: int) -> None:
         """The counts of one rounding, made by the C kernels (:func:`lpcli.formats.quantize_count`)."""
@@ -370,6 +384,33 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         return q * (grad / len(labels)), None, None
 
 
+class _AttentionPoint:
+    """One module's attention softmax: its four formats (see :mod:`lpcli.attention`), their
+    counts and the most keys a row had."""
+
+    def __init__(self, simulator: Simulator, formats: Mapping[str, Format], renormalize: bool) -> None:
+        self.simulator, self.renormalize = simulator, renormalize
+        fp32 = Float32()
+        self.formats = {role: formats.get(role, fp32) for role in ATTENTION_ROLES}
+        self.counts = {role: Counter() for role in ATTENTION_ROLES}
+        self.keys = 0
+        self.softmax = simulated_softmax(self)
+
+    def saw(self, keys: int) -> None:
+        self.keys = max(self.keys, keys)
+
+    def round(self, role: str, x: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        fmt = self.formats[role]
+        if isinstance(fmt, Float32):
+            return x
+        sim = self.simulator
+        counter = self.counts[role] if sim.recording or role.endswith("_error") else None
+        q = rounded(x, fmt, sim, counter)
+        if counter is not None and masked is not None:
+            counter.exclude(masked.sum())
+        return q
+
+
 class Simulator:
     """Attach quantization to ``model`` for the layers in ``layers``.
 
@@ -379,7 +420,10 @@ class Simulator:
     model's output: the softmax formats stand in for its activation and error, so they
     are not applied twice (nor at the root, whose output is the model's). ``parameters``
     gives the tensors whose gradients each layer rounds (default: the module's own;
-    pass each tied tensor under one layer only). Call :meth:`remove` to detach.
+    pass each tied tensor under one layer only). ``attention`` maps a module's name to the
+    formats of the attention it computes (:data:`lpcli.attention.ROLES`; a missing role is
+    float32), ``attention_rows`` says how rounded rows of P enter P·V
+    (:data:`lpcli.attention.ROWS`). Call :meth:`remove` to detach.
     """
 
     def __init__(
@@ -393,8 +437,12 @@ class Simulator:
         generator: torch.Generator | None = None,
         zero_sum_error: bool = True,
         parameters: Mapping[str, list[torch.Tensor]] | None = None,
+        attention: Mapping[str, Mapping[str, Format]] | None = None,
+        attention_rows: str = "each",
     ) -> None:
-        modules = {name: dict(model.named_modules()).get(module_name(name)) for name in layers}
+        attention = attention or {}
+        named = dict(model.named_modules())
+        modules = {name: named.get(module_name(name)) for name in (*layers, *attention)}
         missing = [name for name, module in modules.items() if module is None]
         if missing:
             raise KeyError(f"model has no layer named {', '.join(map(repr, missing))}")
@@ -441,6 +489,11 @@ class Simulator:
                 for param in params:
                     self._handles.append(param.register_post_accumulate_grad_hook(
                         _grad_hook(grad_format, counter, self)))
+        self.attention: dict[str, _AttentionPoint] = {}
+        for name, formats in attention.items():
+            point = self.attention[name] = _AttentionPoint(self, formats, attention_rows == "renormalized")
+            self._handles.extend(mode_around(modules[name], lambda softmax=point.softmax: AttentionMode(
+                lambda: softmax)))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy through the quantized softmax."""
@@ -478,6 +531,8 @@ class Simulator:
         counted = error["nonzero"] - target_nonzero
         return {
             "layers": layers,
+            "attention": {name: {"keys": point.keys, **{role: c.as_dict() for role, c in point.counts.items()}}
+                          for name, point in self.attention.items()},
             "softmax_input": self.softmax_input_counts.as_dict(),
             "softmax_error": error,
             "non_target_flushed": (error["underflow"] - target_flushed) / counted if counted else None,

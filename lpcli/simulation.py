@@ -52,7 +52,7 @@ class Groups:
 def resolve(plan: Plan, model: nn.Module, source: str = "plan") -> Groups:
     """Check that ``plan`` fits ``model`` and covers every trainable parameter exactly once."""
     modules = dict(model.named_modules())
-    for name in plan.layers:
+    for name in (*plan.layers, *plan.attention):
         if module_name(name) not in modules:
             names = ", ".join(n for n in modules if n) or "none"
             raise InputError(source, f"layers.{name}", f"the model has no layer {name!r} (modules: {names})")
@@ -133,7 +133,8 @@ class Simulation:
         self.simulator = Simulator(
             self.model, plan.layers, plan.softmax_input, plan.softmax_error, plan.output_layer,
             rounding=self.rounding, generator=self.generator, zero_sum_error=plan.softmax_error_rows == "zero-sum",
-            parameters={name: [p for _, p in params] for name, params in self.groups.layers.items()})
+            parameters={name: [p for _, p in params] for name, params in self.groups.layers.items()},
+            attention=plan.attention, attention_rows=plan.attention_rows)
         # Fused attention fast paths skip the submodules' hooks: off while simulating.
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
@@ -233,6 +234,7 @@ class Simulation:
                 layers[name][f"{tensor}_saturated"] = share["saturated"]
         return {
             "layers": layers,
+            "attention": {name: attention_diagnostics(values) for name, values in counts["attention"].items()},
             "softmax": {
                 "logits_saturated": shares(counts["softmax_input"])["saturated"],
                 "non_target_errors_flushed": counts["non_target_flushed"],
@@ -271,6 +273,11 @@ class Simulation:
         buffers = [n for n, b in self.model.named_buffers() if b.is_floating_point()]
         if buffers:
             out.append(f"buffers ({_shorten_list(buffers)})")
+        for name, fmts in self.plan.attention.items():
+            keys = self.simulator.attention[name].keys if self.simulator is not None else 0
+            roles = [role for role, fmt in fmts.items() if isinstance(fmt, Float32)]
+            if keys and roles:
+                out.append(f"attention in {name}: {', '.join(roles)}")
         if isinstance(self.plan.softmax_input, Float32):
             out.append("softmax input z - max(z)")
         if isinstance(self.plan.softmax_error, Float32):
@@ -296,6 +303,20 @@ class Simulation:
             if opt is not None and any(g["mode"] == "kahan" for g in opt.param_groups):
                 held.add("compensation")
         return held
+
+
+def attention_diagnostics(counts: dict[str, Any]) -> dict[str, float | None]:
+    """One module's attention over a run: the key count, the share of probabilities flushed
+    to zero (of the non-zero ones), of softmax inputs saturated, and of errors underflowed."""
+    return {
+        "keys": counts["keys"],
+        "probs_flushed": shares(counts["probs"])["underflow"],
+        "probs_saturated": shares(counts["probs"])["saturated"],
+        "input_saturated": shares(counts["input"])["saturated"],
+        "input_underflow": shares(counts["input"])["underflow"],
+        "probs_error_underflow": shares(counts["probs_error"])["underflow"],
+        "input_error_underflow": shares(counts["input_error"])["underflow"],
+    }
 
 
 def _shorten_list(names: list[str], shown: int = 4) -> str:

@@ -25,6 +25,14 @@ The stats schema is public, so a stats file made by a user's own loop (see
         variance: {...}            # Adam's second moment
         update: {...}              # |w_after - w_before|: the change the optimizer actually made
     tied: {"b.weight": "a.weight"} # aliases of parameters stored under another name
+    attention:                     # every module that computed attention (F.scaled_dot_product_attention,
+      "encoder.layers.0.self_attn":  #  nn.MultiheadAttention), by the innermost module running it
+        module: MultiheadAttention
+        keys: 32                   # the most keys a softmax row had
+        input: {...}               # |S - rowmax(S)|, the softmax input (finite entries: masks left out)
+        probs: {...}               # P (unmasked entries)
+        input_error: {...}         # dS, the error at the softmax input
+        probs_error: {...}         # dP, the error arriving at P
 
 A layer is every module that registers a trainable parameter itself (``"(root)"`` for
 the model's own). A summary is ``{}`` when nothing was seen (an integer input, a
@@ -47,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import ROLES as ATTENTION_ROLES
+from .attention import AttentionMode, ModuleStack, Softmax, mode_around
 from .data import Dataset, batch_indices, load_data
 from .distributed import ieee_fp32, resolve_device
 from .errors import InputError
@@ -183,6 +193,14 @@ class StatsCollector:
         self.output_layer: str | None = None
         self._handles.append(model.register_forward_pre_hook(self._model_pre_hook))
         self._handles.append(model.register_forward_hook(self._model_hook))
+        # Attention, wherever the model computes it: recorded for the innermost module running.
+        self._generator = generator
+        self.attention: dict[str, dict[str, TensorSummary]] = {}
+        self.attention_keys: dict[str, int] = {}
+        self.attention_modules: dict[str, str] = {}
+        self._stack = ModuleStack(model)
+        self._softmaxes: dict[str, Softmax] = {}
+        self._handles.extend(mode_around(model, lambda: AttentionMode(self._attention_softmax)))
 
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -230,6 +248,38 @@ class StatsCollector:
                 self.activation_elements[name] = elements // self.batch_size
         return hook
 
+    def _attention_softmax(self) -> Softmax | None:
+        name = self._stack.innermost
+        if name is None or not torch.is_grad_enabled():
+            return None
+        if name not in self._softmaxes:
+            self._softmaxes[name] = self._recording_softmax(name)
+        return self._softmaxes[name]
+
+    def _recording_softmax(self, name: str) -> Softmax:
+        summaries = self.attention[name] = {role: TensorSummary(self._generator) for role in ATTENTION_ROLES}
+        modules = dict(self.model.named_modules())
+        self.attention_modules[name] = type(modules[name] if name in modules else self.model).__name__
+
+        def softmax(scores: torch.Tensor, maybe_masked: bool) -> torch.Tensor:
+            self.attention_keys[name] = max(self.attention_keys.get(name, 0), scores.size(-1))
+            rowmax = scores.detach().amax(dim=-1, keepdim=True)
+            if maybe_masked:
+                rowmax = rowmax.nan_to_num(neginf=0.0)
+            shifted = scores - rowmax
+            p = torch.softmax(shifted, dim=-1)
+            kept = None
+            if maybe_masked:
+                p = p.nan_to_num(nan=0.0)
+                kept = torch.isfinite(shifted.detach())
+            summaries["input"].add(shifted.detach() if kept is None else shifted.detach()[kept])
+            summaries["probs"].add(p.detach() if kept is None else p.detach()[kept])
+            if p.requires_grad:
+                p.register_hook(lambda grad: summaries["probs_error"].add(grad))
+                shifted.register_hook(lambda grad: summaries["input_error"].add(grad))
+            return p
+        return softmax
+
     @torch.no_grad()
     def step(self) -> None:
         """Record weights, weight gradients, the updates since the last call and the momentum
@@ -260,6 +310,7 @@ class StatsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._stack.remove()
 
     def document(self, classes: int, output_layer: str | None = None, source: dict | None = None) -> dict:
         layers = {}
@@ -285,6 +336,9 @@ class StatsCollector:
                          "optimizer": self.rule_name, "late_lr_factor": self.late_lr_factor},
             "layers": layers,
             "tied": dict(self.tied),
+            "attention": {name: {"module": self.attention_modules[name], "keys": self.attention_keys.get(name, 0),
+                                 **{role: summary.result() for role, summary in summaries.items()}}
+                          for name, summaries in self.attention.items()},
         }
 
     def save(self, path: str, classes: int, output_layer: str | None = None) -> None:
@@ -376,7 +430,8 @@ def check_model_output(model: nn.Module, data: Dataset, source: str, name: str =
 def validate_stats(doc: Any, source: str) -> dict[str, Any]:
     """Check a stats document (possibly produced elsewhere) before recommend uses it."""
     doc = check_header(doc, source, "stats")
-    top = Fields(source, "", doc, ("lpcli", "source", "classes", "output_layer", "training", "layers", "tied"))
+    top = Fields(source, "", doc, ("lpcli", "source", "classes", "output_layer", "training", "layers", "tied",
+                                   "attention"))
     top.integer("classes", low=2)
     if doc.get("output_layer") is not None and not isinstance(doc["output_layer"], str):
         top.fail("must be a layer name (string) or null", field="output_layer")
@@ -395,23 +450,36 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
         layer.integer("activation_elements", 0, low=0)
         for kind in TENSOR_KINDS:
             # Written before these roles existed: absent. Nothing seen: empty.
-            summary = layer.section(kind, ("absmax", "absmax_initial", "rms", "zero_share", "log2_hist") +
-                                    tuple(QUANTILES), required=kind not in OPTIONAL_TENSORS)
-            if not summary.value:
-                raw[kind] = {}
-                continue
-            for key in ("absmax", "rms"):
-                summary.number(key, low=0.0)
-            for key in QUANTILES:
-                summary.number(key, 0.0, low=0.0)
-            summary.number("zero_share", 0.0, low=0.0, high=1.0)
-            if summary.has("absmax_initial"):
-                summary.number("absmax_initial", low=0.0)
-            if summary.has("log2_hist"):
-                hist = summary.section("log2_hist", ("lowest", "counts"))
-                hist.integer("lowest", low=-400, high=400)
-                counts = hist.value.get("counts")
-                if not isinstance(counts, list) or not all(
-                        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-                    hist.fail("must be a list of non-negative integers", field=hist.sub("counts"))
+            _check_summary(layer, kind, raw, required=kind not in OPTIONAL_TENSORS)
+    attention = top.section("attention")
+    if attention.value is not None and not isinstance(attention.value, dict):
+        top.fail("must map module names to attention statistics", field="attention")
+    for name, raw in (attention.value or {}).items():
+        entry = Fields(source, attention.sub(name), raw, ("module", "keys") + ATTENTION_ROLES)
+        entry.integer("keys", low=1)
+        for role in ATTENTION_ROLES:
+            _check_summary(entry, role, raw, required=False)
     return doc
+
+
+def _check_summary(fields: Fields, kind: str, raw: dict[str, Any], required: bool) -> None:
+    """One tensor summary of a stats file (``{}``: nothing seen, and so is an absent one)."""
+    summary = fields.section(kind, ("absmax", "absmax_initial", "rms", "zero_share", "log2_hist") +
+                             tuple(QUANTILES), required=required)
+    if not summary.value:
+        raw[kind] = {}
+        return
+    for key in ("absmax", "rms"):
+        summary.number(key, low=0.0)
+    for key in QUANTILES:
+        summary.number(key, 0.0, low=0.0)
+    summary.number("zero_share", 0.0, low=0.0, high=1.0)
+    if summary.has("absmax_initial"):
+        summary.number("absmax_initial", low=0.0)
+    if summary.has("log2_hist"):
+        hist = summary.section("log2_hist", ("lowest", "counts"))
+        hist.integer("lowest", low=-400, high=400)
+        counts = hist.value.get("counts")
+        if not isinstance(counts, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            hist.fail("must be a list of non-negative integers", field=hist.sub("counts"))

@@ -1,5 +1,6 @@
 """Datasets: MNIST-1D through its package (offline), and the message without it; integer
-features, the standardize switch, label remapping, imbalance and balanced accuracy."""
+features, the standardize switch, label remapping, imbalance and balanced accuracy; the
+generated ``tokens`` sequences (the label is the token that repeats) and their fields."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score
 
 from lpcli.data import Dataset, balanced_accuracy, load_data, validate_data_spec
+from lpcli.errors import InputError
+from lpcli.models import build_model
 from lpcli.recipe import load_recipe
 from lpcli.schema import Fields
+from lpcli.stats import check_model_output
 
 from conftest import RECIPES, run_cli
 
@@ -270,3 +274,96 @@ def test_balanced_accuracy_refuses_mismatched_lengths():
         balanced_accuracy(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match="at least one label"):
         balanced_accuracy(torch.zeros(0), torch.zeros(0))
+
+
+def tokens_spec(tmp_path, **fields) -> dict:
+    """A ``tokens`` spec as a recipe's data section gives it, through the validation."""
+    return validate_data_spec(Fields("r.yaml", "data", {"name": "tokens", **fields}), tmp_path)
+
+
+SMALL_TOKENS = {"classes": 20, "vocab": 50, "length": 12, "repeats": 3, "samples": 400}
+
+
+def test_tokens_defaults(tmp_path):
+    spec = tokens_spec(tmp_path)
+    assert {k: spec[k] for k in ("classes", "vocab", "length", "repeats", "samples", "test_fraction", "seed")} == {
+        "classes": 1000, "vocab": 1000, "length": 32, "repeats": 4, "samples": 30000, "test_fraction": 0.2, "seed": 0}
+    assert tokens_spec(tmp_path, classes=50, samples=100)["vocab"] == 50, "vocab defaults to classes"
+
+
+def test_tokens_are_raw_int64_ids_with_balanced_labels(tmp_path):
+    data = load_data(tokens_spec(tmp_path, **SMALL_TOKENS), "r.yaml")
+    assert tuple(data.x_train.shape) == (320, 12) and tuple(data.x_test.shape) == (80, 12)
+    assert data.x_train.dtype == torch.int64 and data.x_test.dtype == torch.int64
+    assert data.y_train.dtype == torch.int64 and data.classes == 20 and data.name == "tokens-20"
+    x = torch.cat([data.x_train, data.x_test])
+    assert int(x.min()) >= 0 and int(x.max()) < 50
+    assert torch.bincount(torch.cat([data.y_train, data.y_test]), minlength=20).tolist() == [20] * 20
+    assert not data.imbalanced and data.notes == ()
+    same = load_data(tokens_spec(tmp_path, **SMALL_TOKENS, standardize=False), "r.yaml")
+    assert torch.equal(same.x_train, data.x_train), "standardize: false is the default"
+
+
+def test_tokens_are_determined_by_the_seed(tmp_path):
+    first = load_data(tokens_spec(tmp_path, **SMALL_TOKENS, seed=3), "r.yaml")
+    again = load_data(tokens_spec(tmp_path, **SMALL_TOKENS, seed=3), "r.yaml")
+    other = load_data(tokens_spec(tmp_path, **SMALL_TOKENS, seed=4), "r.yaml")
+    for a, b in ((first.x_train, again.x_train), (first.y_train, again.y_train), (first.x_test, again.x_test),
+                 (first.y_test, again.y_test)):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.x_train, other.x_train)
+
+
+@pytest.mark.parametrize("fields", [SMALL_TOKENS, {"classes": 10, "vocab": 11, "length": 32, "repeats": 4,
+                                                    "samples": 300},
+                                    {"classes": 5, "vocab": 9, "length": 9, "repeats": 2, "samples": 200}],
+                         ids=["small", "tightest-vocab-4", "tightest-vocab-2"])
+def test_the_label_is_the_only_token_that_repeats(tmp_path, fields):
+    """Counted apart from the generator: the label occurs exactly ``repeats`` times, every
+    other token fewer, also where the vocabulary is as small as the fields allow."""
+    data = load_data(tokens_spec(tmp_path, **fields, seed=1), "r.yaml")
+    x = torch.cat([data.x_train, data.x_test]).numpy()
+    y = torch.cat([data.y_train, data.y_test]).numpy()
+    counts = np.stack([np.bincount(row, minlength=fields["vocab"]) for row in x])
+    rows = np.arange(len(y))
+    assert (counts[rows, y] == fields["repeats"]).all()
+    counts[rows, y] = 0
+    assert (counts.max(axis=1) < fields["repeats"]).all()
+    positions = [tuple(np.flatnonzero(row == label)) for row, label in zip(x, y, strict=True)]
+    assert len(set(positions)) > 1, "the label's positions vary"
+
+
+# (fields, the field named, a message fragment)
+BAD_TOKENS = [
+    ({"standardize": True}, "data.standardize", "cannot be standardized"),
+    ({"classes": 1}, "data.classes", ">= 2"),
+    ({"classes": 2.5}, "data.classes", "must be an integer"),
+    ({"classes": 10, "vocab": 9}, "data.vocab", ">= classes (10)"),
+    ({"length": 2}, "data.length", ">= 3"),
+    ({"repeats": 1}, "data.repeats", ">= 2"),
+    ({"length": 8, "repeats": 8}, "data.repeats", "< length (8)"),
+    ({"classes": 10, "vocab": 10, "length": 32, "repeats": 4}, "data.vocab", "vocab >= 11"),
+    ({"classes": 50, "samples": 99}, "data.samples", "at least 2 samples per class (100)"),
+    ({"test_fraction": 1.0}, "data.test_fraction", "< 1"),
+    ({"seed": -1}, "data.seed", ">= 0"),
+    ({"noise": 1.0}, "data.noise", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("fields, field, message", BAD_TOKENS,
+                         ids=[f"{i}-{case[1]}" for i, case in enumerate(BAD_TOKENS)])
+def test_bad_tokens_fields_are_bad_input_naming_the_field(tmp_path, fields, field, message):
+    with pytest.raises(InputError) as caught:
+        tokens_spec(tmp_path, **fields)
+    assert caught.value.source == "r.yaml" and caught.value.field == field
+    assert message in caught.value.message
+
+
+def test_the_bundled_token_recipe_takes_its_data(tmp_path):
+    """tokens-1000's model maps int64 token ids to one logit per class (on fewer samples)."""
+    recipe = load_recipe(RECIPES / "tokens-1000.yaml")
+    assert recipe.data["name"] == "tokens" and recipe.data["classes"] == 1000
+    data = load_data({**recipe.data, "samples": 2000}, recipe.source)
+    torch.manual_seed(0)
+    check_model_output(build_model(recipe.model, recipe.source, recipe.base_dir), data, recipe.source,
+                       recipe.model_label)
