@@ -6,7 +6,8 @@ through it, whatever the model calls:
 * ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers built on it, through
   ``F.multi_head_attention_forward``: its body runs with the ``scaled_dot_product_attention``
   and ``softmax`` it calls (``need_weights`` False / True) replaced by the reference and by
-  the caller's softmax, for that call only.
+  the caller's softmax, for that call only (module attributes swapped and restored: one
+  thread at a time may run a simulated ``MultiheadAttention``).
 
 The simulator's softmax (:class:`SimulatedSoftmax`) rounds, in the forward pass, the
 softmax input ``S - rowmax(S)`` (finite entries only: a masked ``-inf`` stays ``-inf``, so

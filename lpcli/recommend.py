@@ -418,9 +418,13 @@ def recommend_attention(entry: dict[str, Any], rules: Rules) -> tuple[dict[str, 
     formats["input"], reasons["input"] = attention_input_format(keys, entry.get("input") or {}, rules, rules.family)
     formats["probs"], reasons["probs"] = attention_probs_format(keys, rules, rules.family)
     rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
-    for role in ("input_error", "probs_error"):
+    # The underflow rule on dS asked for 24 bits on vit-fashion, for entries that do not matter.
+    for role, as_tensor, note in (("input_error", "activation", "; dS = P(dP - D) is as small as P: its tiny "
+                                   "entries belong to keys with P ~ 0, so no underflow rule"),
+                                  ("probs_error", "error", "")):
         if entry.get(role):
-            formats[role], reasons[role] = rule("error", entry[role], {"p50": 0.0}, rules)
+            formats[role], reasons[role] = rule(as_tensor, entry[role], {"p50": 0.0}, rules)
+            reasons[role] += note
         else:
             formats[role], reasons[role] = Float32(), "no error seen (nothing trained through it): nothing to round"
     for role in ("input", "probs"):

@@ -19,7 +19,7 @@ from torch import nn
 from lpcli.errors import InputError
 from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format, quantize
 from lpcli.plan import plan_from_document
-from lpcli.recommend import Rules, attention_probs_format, recommend_attention
+from lpcli.recommend import Rules, attention_probs_format, fixed_tensor_format, recommend_attention
 from lpcli.simulate import Simulator
 from lpcli.simulation import Simulation
 from lpcli.stats import StatsCollector, validate_stats
@@ -329,6 +329,12 @@ def test_recommend_attention_gives_every_role_a_reason():
         assert "64 keys" in reasons["probs"] and "64 keys" in reasons["input"]
         assert quantize(torch.tensor([-5.0]), formats["input"]).item() <= -5.0 + 0.5
     assert recommend_attention(entry, Rules())[0]["probs"] == parse_format("fx7.6")
+    # dS: the step from the rms (1e-4 / 2^4: F = 18), not the 1%-underflow rule, which a tail
+    # of tiny entries (5% of them near 2^-40, keys with P ~ 0) would push to F = 39 (and a
+    # 24-bit cap).
+    tail = {**entry["input_error"], "log2_hist": {"lowest": -40, "counts": [50] + [0] * 19 + [100, 200, 300, 300]}}
+    assert fixed_tensor_format("error", tail, {"p50": 0.0}, Rules())[0].width == 24
+    assert recommend_attention({**entry, "input_error": tail}, Rules())[0]["input_error"].frac == 18
     assert isinstance(recommend_attention(entry, Rules(family="float"))[0]["probs"], FloatFormat)
 
 
