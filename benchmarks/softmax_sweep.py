@@ -120,10 +120,10 @@ def fixed(width: int, frac: int) -> Format:
     return FixedPoint(width, frac)
 
 
-def show(label: str, points: list[tuple[int, float]], rec: int, fp32: float, tol: float) -> str:
+def show(label: str, points: list[tuple[int, float]], rec: int, fp32: float, tol: float, width: int = 34) -> str:
     cells = " ".join(f"{x}{'*' if x == rec else ''}:{acc * 100:.1f}" for x, acc in points)
     thr = threshold(points, fp32, tol)
-    print(f"  {label:<34} {cells}   threshold {thr}", flush=True)
+    print(f"  {label:<{width}} {cells}   threshold {thr}", flush=True)
     return thr
 
 

@@ -303,17 +303,29 @@ def test_stats_record_attention_by_the_innermost_module():
 
 
 @pytest.mark.parametrize("keys", [16, 64, 256, 1000])
-def test_probability_formats_keep_one_over_n_and_grow_with_n(keys):
+def test_probability_formats_resolve_one_over_n_and_grow_with_n(keys):
     fixed, _ = attention_probs_format(keys, Rules(), "fixed")
     small, _ = attention_probs_format(keys, Rules(), "float")
-    for fmt in (fixed, small):
-        p = torch.tensor([1.0 / keys])
-        assert quantize(p, fmt).item() > 0  # a key at 1/N survives
-    # One bit less flushes 1/N in fixed point: the bound is tight.
-    narrower = FixedPoint(fixed.width - 1, fixed.frac - 1)
-    assert quantize(torch.tensor([0.99 / keys]), narrower).item() == 0 or keys & (keys - 1)
-    assert fixed.frac == math.ceil(math.log2(keys))
-    assert small.step <= 1 / (2 * keys)
+    # Probabilities around 1/N, as a nearly uniform row holds them: each must come back
+    # within an eighth of 1/N (fixed point, a step of at most 1/(4N)) or, as a float, an
+    # eighth of itself (2 mantissa bits) or half the smallest subnormal (at most 1/(4N)),
+    # and none may flush.
+    p = torch.linspace(0.5, 1.5, 101, dtype=torch.float64).float() / keys
+    for fmt, bound in ((fixed, torch.full_like(p, 1 / (8 * keys))), (small, (p / 8).clamp(min=small.step / 2))):
+        q = quantize(p, fmt)
+        assert bool((q > 0).all())
+        assert bool(((q - p).abs() <= bound * (1 + 1e-6)).all())
+    assert fixed.frac == math.ceil(math.log2(keys)) + 2 and fixed.integer_bits == 1
+    assert small.step <= 1 / (2 * keys) and small.max_value >= 1
+    # With no margin a step of 1/N sends half a key's range of p to the same value.
+    bare, _ = attention_probs_format(keys, Rules(attention_probs_margin=0), "fixed")
+    assert quantize(torch.tensor([0.6 / keys, 1.4 / keys]), bare).unique().numel() == 1 or keys & (keys - 1)
+
+
+def test_probability_widths_grow_with_the_key_count():
+    widths = [attention_probs_format(n, Rules(), family)[0].width for family in ("fixed", "float")
+              for n in (16, 64, 256)]
+    assert widths[0] < widths[1] < widths[2] and widths[3] <= widths[4] <= widths[5] and widths[3] < widths[5]
 
 
 def test_recommend_attention_gives_every_role_a_reason():
@@ -328,7 +340,7 @@ def test_recommend_attention_gives_every_role_a_reason():
         assert isinstance(formats["probs_error"], Float32)
         assert "64 keys" in reasons["probs"] and "64 keys" in reasons["input"]
         assert quantize(torch.tensor([-5.0]), formats["input"]).item() <= -5.0 + 0.5
-    assert recommend_attention(entry, Rules())[0]["probs"] == parse_format("fx7.6")
+    assert recommend_attention(entry, Rules())[0]["probs"] == parse_format("fx9.8")
     # dS: the step from the rms (1e-4 / 2^4: F = 18), not the 1%-underflow rule, which a tail
     # of tiny entries (5% of them near 2^-40, keys with P ~ 0) would push to F = 39 (and a
     # 24-bit cap).
@@ -382,7 +394,7 @@ def test_external_transformer_through_the_cli(tmp_path, cli, monkeypatch):
     doc = yaml.safe_load(plan.read_text())
     attention = doc["layers"]["encoder.self_attn"]["attention"]
     assert set(attention) == {"input", "probs", "input_error", "probs_error"}
-    assert attention["probs"] == "fx5.4"  # 10 keys: F = ceil(log2 10)
+    assert attention["probs"] == "fx7.6"  # 10 keys: F = ceil(log2 10) + 2
     assert "10 keys" in doc["reasons"]["encoder.self_attn"]["attention"]["probs"]
     result = cli("train-check", recipe, "--plan", plan, "--json", "--quiet")
     assert result.exit_code in (0, 1, 3), result.stderr
