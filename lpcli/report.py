@@ -276,15 +276,15 @@ def _render_attention(report: CheckReport, console: Console) -> None:
     lp_runs = report.low_precision_runs
     table = Table(title=f"Attention per module, {' / '.join(lp_runs)}, in %", title_justify="left",
                   caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("module", "keys", "input", "probs", *ATTENTION_COLUMNS):
-        table.add_column(col, justify="left" if col in ("module", "input", "probs") else "right", no_wrap=True)
+    for col in ("module", "keys", "P", *ATTENTION_COLUMNS):
+        table.add_column(col, justify="left" if col in ("module", "P") else "right", no_wrap=True)
     for name, d in report.attention.items():
-        fmts = report.plan.attention[name]
         keys = max((int(v) for v in d.get("keys", {}).values() if v), default=0)
-        table.add_row(short_name(name, 20), str(keys or "-"), str(fmts["input"]), str(fmts["probs"]),
+        table.add_row(short_name(name, 18), str(keys or "-"), str(report.plan.attention[name]["probs"]),
                       *(_pair(d.get(key, {}), lp_runs) for key in ATTENTION_COLUMNS.values()))
-    table.caption = ("P flushed: non-zero probabilities rounded to zero; S sat: softmax inputs S - rowmax(S) "
-                     "saturated; uf: non-zero errors at P (dP) and at the softmax input (dS) rounded to zero")
+    table.caption = ("P: its format; P flushed: non-zero probabilities rounded to zero; S sat: softmax inputs "
+                     "S - rowmax(S) saturated; uf: non-zero errors at P (dP) and at the softmax input (dS) rounded "
+                     "to zero (the other formats: the plan)")
     console.print(table)
 
 
