@@ -21,9 +21,10 @@ the logits on the test set, the model in eval mode with the simulator attached. 
 empirical threshold is the smallest value from which every wider one is within
 ``--tolerance`` points of fp32; ``<=x`` when the narrowest one tried already is.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/attention_sweep.py            # 3 N, 2 seeds: ~14 min on 1 core
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/attention_sweep.py --seeds 0 1 2 3   # README: ~31 min, 1 core
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/attention_sweep.py            # 3 N, 2 seeds: ~14 min
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/attention_sweep.py --keys 64 --seeds 0 --quick   # ~1 min
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/attention_sweep.py --probs-margin 2   # a Rules setting to test
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/attention_sweep.py --probs-margin 0   # F = ceil(log2 N)
 
 The task: a sequence of N tokens of 4 types, label the most frequent type. The counts are
 multinomial with equal type probabilities, kept only where the top type wins by 1 to

@@ -362,8 +362,8 @@ def attention_probs_format(keys: int, rules: Rules, family: str) -> tuple[Format
     integer bit (the sign; 1 itself saturates to ``1 - 2^-F``, one step) and ``F =
     ceil(log2 N) + attention_probs_margin`` fraction bits, a step of ``1/(4N)`` by default.
     ``benchmarks/attention_sweep.py`` (one attention layer that must average over all N
-    keys, N = 16, 64, 256, 4 seeds) put the fixed-point threshold at ``log2 N + 1`` to
-    ``log2 N + 3`` bits; with a margin of 0, 1 and 2 the recommended formats kept
+    keys, N = 16, 64, 256, 4 seeds) put the fixed-point threshold at exactly ``log2 N + 2``
+    bits (6, 8, 10); with a margin of 0, 1 and 2 the recommended formats trained to
     82.8/100.0/86.1%, 99.7/96.4/97.9% and 100.0/99.9/99.9% of fp32's 100%. Float: the
     fewest exponent bits whose smallest subnormal is at most ``1/(2N)`` and whose largest
     value reaches 1, and ``attention_probs_man`` mantissa bits (a relative step, the same
