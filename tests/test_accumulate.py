@@ -1,0 +1,172 @@
+"""lpcli.accumulate against a literal reference of NUMERICS' accumulator semantics, written
+in exact rational arithmetic (fractions.Fraction): every product exact, every addition
+exact and then rounded once, to nearest even, by the format's definition."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from lpcli.accumulate import AccumulationCounts, matmul, matmul_counts
+from lpcli.formats import FixedPoint, FloatFormat, parse_format
+
+FORMATS = {
+    "fx12.6": FixedPoint(12, 6),
+    "fx16.10": FixedPoint(16, 10),
+    "fx8.2": FixedPoint(8, 2),
+    "fp16": FloatFormat(5, 10),          # IEEE: overflow to inf
+    "bf16": FloatFormat(8, 7),
+    "e5m7": FloatFormat(5, 7),
+    "e4m3fn": FloatFormat(4, 3, finite=True),  # saturating
+}
+
+
+def _round(x: Fraction, fmt) -> tuple[Fraction | float, bool]:
+    """x rounded to nearest even on fmt's grid; (value, whether the range clipped it)."""
+    if isinstance(fmt, FixedPoint):
+        step = Fraction(2) ** -fmt.frac
+    else:
+        e = fmt.emin
+        if x != 0:
+            mag = abs(x)
+            e = mag.numerator.bit_length() - mag.denominator.bit_length()
+            while Fraction(2) ** e > mag:
+                e -= 1
+            while Fraction(2) ** (e + 1) <= mag:
+                e += 1
+            e = max(e, fmt.emin)
+        step = Fraction(2) ** (e - fmt.man)
+    y = x / step
+    low = math.floor(y)
+    rest = y - low
+    r = low + 1 if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and low % 2) else low
+    q = r * step
+    top, bottom = Fraction(fmt.max_value), Fraction(fmt.min_value)
+    if bottom <= q <= top:
+        return q, False
+    if isinstance(fmt, FloatFormat) and not fmt.finite:
+        return (math.inf if q > 0 else -math.inf), True
+    return (top if q > 0 else bottom), True
+
+
+def _add(s, p, fmt, counts):
+    counts["additions"] += 1
+    if isinstance(s, float):  # an accumulator already at inf stays there
+        q = s
+    else:
+        q, clipped = _round(s + p, fmt)
+        counts["saturated"] += clipped
+    counts["swamped"] += q == s and p != 0
+    return q
+
+
+def literal(a: torch.Tensor, b: torch.Tensor, fmt, chunk: int) -> tuple[list[list[float]], dict[str, int]]:
+    counts = {"additions": 0, "swamped": 0, "saturated": 0}
+    m, k = a.shape
+    out = []
+    for i in range(m):
+        row = []
+        for j in range(b.shape[1]):
+            terms = [Fraction(float(a[i, t])) * Fraction(float(b[t, j])) for t in range(k)]
+            sums = []
+            for start in range(0, k, chunk):
+                s = terms[start]
+                for p in terms[start + 1:start + chunk]:
+                    s = _add(s, p, fmt, counts)
+                sums.append(s)
+            total = sums[0]
+            for s in sums[1:]:
+                total = _add(total, s, fmt, counts)
+            if k == 1:
+                total = _round(total, fmt)[0]
+            row.append(float(total))
+        out.append(row)
+    return out, counts
+
+
+def _check(a, b, fmt, chunk):
+    expected, counts = literal(a, b, fmt, chunk)
+    got, got_counts = matmul_counts(a, b, fmt, chunk)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.tensor(expected, dtype=torch.float32)), (got, expected)
+    assert got_counts == AccumulationCounts(**counts)
+    return got_counts
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("chunk", [1, 4, 17])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0])
+def test_random_products_match_the_literal_sums(name, chunk, scale):
+    g = torch.Generator().manual_seed(hash((name, chunk, scale)) % 2**31)
+    a = (torch.randn(3, 17, generator=g) * scale).float()
+    b = (torch.randn(17, 4, generator=g) * scale).float()
+    _check(a, b, FORMATS[name], chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 9])
+def test_ties_go_to_even(chunk):
+    fmt = FixedPoint(8, 2)  # step 1/4
+    a = torch.tensor([[1.0, 0.125] + [0.0] * 7, [1.25, 0.125] + [0.0] * 7])
+    b = torch.ones(9, 1)
+    got = _check(a, b, fmt, chunk)
+    assert matmul(a, b, fmt, chunk).flatten().tolist() == [1.0, 1.5]  # 1.125 -> 1.0, 1.375 -> 1.5
+    assert got.additions == 16
+
+
+def test_a_midpoint_reached_only_by_float64_rounding_is_resolved_by_the_low_part():
+    """1024 + 2^-13 + 2^-14 (1 - 2^-46): float64 rounds it to the midpoint 1024 + 3 * 2^-14
+    of the fp32 grid, whose even neighbour is 1024 + 2^-12; the exact sum is below it."""
+    fp32 = FloatFormat(8, 23)
+    a = torch.tensor([[1024 + 2.0**-13, 2.0**-14 * (1 + 2.0**-23)]], dtype=torch.float32)
+    b = torch.tensor([[1.0], [1 - 2.0**-23]], dtype=torch.float32)
+    _check(a, b, fp32, 2)
+    assert matmul(a, b, fp32).item() == 1024 + 2.0**-13
+
+
+@pytest.mark.parametrize("name", ["fx8.2", "fp16", "e4m3fn"])
+@pytest.mark.parametrize("chunk", [1, 4, 12])
+def test_overflow_saturates_or_goes_to_inf(name, chunk):
+    fmt = FORMATS[name]
+    a = torch.full((2, 12), 1.0)
+    a[1] = -1.0
+    b = torch.full((12, 1), float(fmt.max_value) / 5)
+    counts = _check(a, b, fmt, chunk)
+    assert counts.saturated > 0
+    result = matmul(a, b, fmt, chunk).flatten()
+    if name == "fp16":
+        assert result.tolist() == [math.inf, -math.inf]
+    else:
+        assert result.tolist() == [fmt.max_value, fmt.min_value]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 32, 64])
+def test_addends_far_below_the_running_sum_are_swamped(chunk):
+    """bf16: from 256 on the step is 2, and adding 0.5 changes nothing; chunks of 32 keep
+    the small terms together until they are large enough to count."""
+    bf16 = FORMATS["bf16"]
+    a = torch.tensor([[256.0] + [0.5] * 63])
+    b = torch.ones(64, 1)
+    counts = _check(a, b, bf16, chunk)
+    value = matmul(a, b, bf16, chunk).item()
+    if chunk in (1, 64):  # one sequential sum: every 0.5 swamped
+        assert value == 256.0 and counts.swamped == 63
+    else:
+        assert value > 256.0 and counts.swamped < 63
+
+
+def test_one_term_is_rounded_and_an_empty_sum_is_zero():
+    fmt = parse_format("fx8.2")
+    assert matmul(torch.tensor([[0.3]]), torch.tensor([[1.0]]), fmt).item() == 0.25
+    assert matmul(torch.zeros(2, 0), torch.zeros(0, 3), fmt).tolist() == [[0.0] * 3] * 2
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="chunk"):
+        matmul(torch.ones(2, 3), torch.ones(3, 2), FixedPoint(8, 2), chunk=0)
+    with pytest.raises(ValueError, match=r"\(M, K\) @ \(K, N\)"):
+        matmul(torch.ones(2, 3), torch.ones(2, 2), FixedPoint(8, 2))
+    with pytest.raises(ValueError, match="accumulator format"):
+        matmul(torch.ones(2, 3), torch.ones(3, 2), parse_format("fp32"))
