@@ -429,3 +429,36 @@ def test_unknown_attention_module_is_an_input_error():
     plan = plan_from_document(doc, "p.yaml")
     with pytest.raises(InputError, match="layers.nowhere"):
         Simulation(nn.Sequential(nn.Linear(2, 2)), plan)
+
+
+class AttentionFailsOnLargeBatches(nn.Module):
+    """Digits as 8 tokens of 8 features through SelfAttention; raises, inside the attention
+    block, on the test set (more than 100 samples), after its attention ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = SelfAttention(8, 2)
+        self.attn.register_forward_hook(self.check)
+        self.head = nn.Linear(64, 10)
+
+    @staticmethod
+    def check(module, args, output):
+        if len(output) > 100:
+            raise ValueError("batch too large for this model")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x.reshape(-1, 8, 8)).transpose(1, 2).flatten(1))
+
+
+def test_an_exception_inside_simulated_attention_is_one_line_and_leaves_torch_as_it_was(small_recipe, tmp_path,
+                                                                                        cli):
+    recipe = small_recipe(model={"import": "test_attention:AttentionFailsOnLargeBatches"},
+                          training={"lr": 0.05, "batch_size": 32, "steps": 20, "analyze_steps": 3})
+    out = tmp_path / "report.json"
+    saved = F.scaled_dot_product_attention, F.softmax, F.multi_head_attention_forward
+    result = cli("train-check", recipe, "-o", out)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "raised ValueError: batch too large" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+    assert (F.scaled_dot_product_attention, F.softmax, F.multi_head_attention_forward) == saved
+    assert not torch.overrides._get_current_function_mode_stack()  # no mode left active
