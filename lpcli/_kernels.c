@@ -20,6 +20,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
@@ -824,6 +825,111 @@ static PyObject *py_absmax(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_END_ALLOW_THREADS return PyFloat_FromDouble((double)float_of(m));
 }
 
+/* Accumulation in a narrow format (lpcli/accumulate.py): each addition s + p is computed
+ * exactly (TwoSum: h + l == s + p) and rounded once, to nearest even, onto the
+ * accumulator's grid; where h is exactly a midpoint of the grid and l is not zero, l's
+ * sign decides. The same operations as accumulate.py's torch kernel, in the same order. */
+typedef struct {
+    int is_float;     /* 0: fixed point, step 2^-frac; 1: float, `man` mantissa bits, exponents >= emin */
+    int man, emin;
+    double step, inv_step; /* fixed point */
+    double lo, hi;    /* the range */
+    int to_inf;       /* IEEE float: overflow goes to +-inf (else it saturates) */
+} AccFormat;
+
+/* Branch-free, so that the loops over a row vectorize: every path is computed and selected.
+ * swamped and saturated are incremented by 0 or 1. */
+static inline double acc_add(const AccFormat *f, double s, double p, int64_t *swamped, int64_t *saturated) {
+    const double h = s + p;
+    const double v = h - s;
+    const double l = (s - (h - v)) + (p - v);
+    double step = f->step, inv = f->inv_step;
+    if (f->is_float) { /* loop-invariant: the compiler unswitches it */
+        int64_t e = (int64_t)((bits_of_double(h) >> 52) & 0x7ff) - 1023; /* |h| in [2^e, 2^(e+1)) */
+        e = e < f->emin ? f->emin : e;
+        const int64_t e_step = e - f->man + 1023, e_inv = f->man - e + 1023; /* out of range only for inf/NaN */
+        step = double_of((uint64_t)(e_step > 0 ? e_step : 1) << 52);
+        inv = double_of((uint64_t)(e_inv > 0 ? e_inv : 1) << 52);
+    }
+    const double y = h * inv; /* exact: a power of two */
+    const double low = floor(y);
+    const double nearest = nearbyint(y); /* ties to even */
+    const double up = l > 0 ? low + 1 : low;
+    const double r = (y - low == 0.5 && l != 0) ? up : nearest;
+    const double rounded = r * step;
+    const int over = (rounded > f->hi) | (rounded < f->lo);
+    const int finite = h - h == 0;
+    const double clipped = f->to_inf ? copysign(INFINITY, rounded) : (rounded > 0 ? f->hi : f->lo);
+    const double kept = (f->to_inf | (h != h)) ? h : (h > 0 ? f->hi : f->lo); /* inf + p, NaN: no rounding */
+    const double q = finite ? (over ? clipped : rounded) : kept;
+    *saturated += over & finite;
+    *swamped += (q == s) & (p != 0);
+    return q;
+}
+
+/* rows x K (a) @ K x N (b) into rows x N (out), float32, row-major; work: 2N doubles. */
+MULTIVERSION static void accumulate_rows(const AccFormat *f, const float *a, const float *b, float *out, int64_t rows,
+                            int64_t K, int64_t N, int64_t chunk, double *work, int64_t *swamped,
+                            int64_t *saturated) {
+    double *sum = work, *total = work + N;
+    int64_t sw = 0, sat = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *ar = a + r * K;
+        for (int64_t j0 = 0; j0 < K; j0 += chunk) {
+            const int64_t end = j0 + chunk < K ? j0 + chunk : K;
+            const double first = ar[j0];
+            for (int64_t n = 0; n < N; ++n) sum[n] = first * (double)b[j0 * N + n];
+            for (int64_t k = j0 + 1; k < end; ++k) {
+                const double ak = ar[k];
+                const float *bk = b + k * N;
+                for (int64_t n = 0; n < N; ++n) sum[n] = acc_add(f, sum[n], ak * (double)bk[n], &sw, &sat);
+            }
+            if (j0 == 0) {
+                for (int64_t n = 0; n < N; ++n) total[n] = sum[n];
+            } else {
+                for (int64_t n = 0; n < N; ++n) total[n] = acc_add(f, total[n], sum[n], &sw, &sat);
+            }
+        }
+        if (K == 1) { /* one term: the accumulator holds it rounded (not an addition: not counted) */
+            int64_t none = 0;
+            for (int64_t n = 0; n < N; ++n) total[n] = acc_add(f, 0.0, total[n], &none, &none);
+        }
+        for (int64_t n = 0; n < N; ++n) out[r * N + n] = (float)total[n];
+    }
+    *swamped += sw;
+    *saturated += sat;
+}
+
+/* accumulate(a, b, out, rows, K, N, chunk, is_float, frac, man, emin, lo, hi, to_inf)
+ * -> (swamped, saturated) */
+static PyObject *py_accumulate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 14, "accumulate")) return NULL;
+    const float *a = as_pointer(args[0]), *b = as_pointer(args[1]);
+    float *out = as_pointer(args[2]);
+    const int64_t rows = as_long(args[3]), K = as_long(args[4]), N = as_long(args[5]), chunk = as_long(args[6]);
+    AccFormat f;
+    f.is_float = (int)as_long(args[7]);
+    const int frac = (int)as_long(args[8]);
+    f.man = (int)as_long(args[9]);
+    f.emin = (int)as_long(args[10]);
+    f.lo = as_double(args[11]);
+    f.hi = as_double(args[12]);
+    f.to_inf = (int)as_long(args[13]);
+    f.step = ldexp(1.0, -frac);
+    f.inv_step = ldexp(1.0, frac);
+    if (PyErr_Occurred()) return NULL;
+    if (rows < 0 || K < 1 || N < 0 || chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "accumulate: bad sizes");
+        return NULL;
+    }
+    double *work = malloc(sizeof(double) * 2 * (size_t)(N > 0 ? N : 1));
+    if (!work) return PyErr_NoMemory();
+    int64_t swamped = 0, saturated = 0;
+    Py_BEGIN_ALLOW_THREADS accumulate_rows(&f, a, b, out, rows, K, N, chunk, work, &swamped, &saturated);
+    Py_END_ALLOW_THREADS free(work);
+    return Py_BuildValue("LL", (long long)swamped, (long long)saturated);
+}
+
 static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "Round n floats onto a format."},
     {"sgd_step", (PyCFunction)(void (*)(void))py_sgd_step, METH_FASTCALL, "One SGD step on quantized weights."},
@@ -831,6 +937,8 @@ static PyMethodDef methods[] = {
     {"quantize_count", (PyCFunction)(void (*)(void))py_quantize_count, METH_FASTCALL,
      "Round n floats onto a format and count non-zero and saturated values (and one flag)."},
     {"absmax", (PyCFunction)(void (*)(void))py_absmax, METH_FASTCALL, "Largest magnitude (NaN if any)."},
+    {"accumulate", (PyCFunction)(void (*)(void))py_accumulate, METH_FASTCALL,
+     "A matrix product summed in a narrow accumulator."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,9 +20,10 @@ Exact addition in float64: ``hi + lo = s + p`` exactly (Knuth's TwoSum), and rou
 ``hi`` to the format gives the correctly rounded ``s + p`` except where ``hi`` is exactly a
 midpoint between two neighbours of the format and ``lo`` is not zero: then ``lo``'s sign
 decides. (A midpoint of the format is a float64 number; ``hi`` is the float64 nearest to
-the exact sum, so no midpoint lies strictly between the two.) This module's kernel is torch
-on any device; ``tests/test_accumulate.py`` checks it bit for bit against a literal
-reference in exact rational arithmetic.
+the exact sum, so no midpoint lies strictly between the two.) Two kernels do exactly that,
+with the same results: C on the CPU (``lpcli/_kernels.c``, float32 operands) and torch
+elsewhere; ``tests/test_accumulate.py`` checks both bit for bit against a literal reference
+in exact rational arithmetic.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import formats
 from .formats import FixedPoint, FloatFormat, Format
 
 
@@ -66,6 +68,32 @@ def matmul_counts(a: torch.Tensor, b: torch.Tensor, fmt: Format,
     if k == 0:
         return torch.zeros(m, n, dtype=torch.float32, device=a.device), AccumulationCounts(0, 0, 0)
     chunk = k if chunk is None else chunk
+    native = _matmul_native(a, b, fmt, chunk)
+    if native is not None:
+        return native
+    return _matmul_torch(a, b, fmt, chunk)
+
+
+def _matmul_native(a: torch.Tensor, b: torch.Tensor, fmt: Format,
+                   chunk: int) -> tuple[torch.Tensor, AccumulationCounts] | None:
+    """The C kernel, for float32 CPU operands (None elsewhere, or without the C kernels)."""
+    kernels = formats._kernels
+    if kernels is None or not (a.is_cpu and b.is_cpu and a.dtype == b.dtype == torch.float32):
+        return None
+    a, b = a.contiguous(), b.contiguous()
+    (m, k), n = a.shape, b.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32)
+    is_float = isinstance(fmt, FloatFormat)
+    swamped, saturated = kernels.accumulate(
+        a.data_ptr(), b.data_ptr(), out.data_ptr(), m, k, n, chunk, int(is_float),
+        0 if is_float else fmt.frac, fmt.man if is_float else 0, fmt.emin if is_float else 0,
+        float(fmt.min_value), float(fmt.max_value), int(is_float and not fmt.finite))
+    return out, AccumulationCounts(m * n * (k - 1), swamped, saturated)
+
+
+def _matmul_torch(a: torch.Tensor, b: torch.Tensor, fmt: Format,
+                  chunk: int) -> tuple[torch.Tensor, AccumulationCounts]:
+    (m, k), n = a.shape, b.shape[1]
     a64, b64 = a.double(), b.double()
     counter = _Counter()
     chunks = math.ceil(k / chunk)

@@ -10,8 +10,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lpcli.accumulate import AccumulationCounts, matmul, matmul_counts
-from lpcli.formats import FixedPoint, FloatFormat, parse_format
+from lpcli.accumulate import AccumulationCounts, _matmul_native, _matmul_torch, matmul, matmul_counts
+from lpcli.formats import FixedPoint, FloatFormat, kernel_backend, parse_format
 
 FORMATS = {
     "fx12.6": FixedPoint(12, 6),
@@ -87,12 +87,22 @@ def literal(a: torch.Tensor, b: torch.Tensor, fmt, chunk: int) -> tuple[list[lis
     return out, counts
 
 
+def _kernels(a, b, fmt, chunk):
+    """Each kernel's (result, counts): the public function (C where it runs) and torch's."""
+    out = {"matmul_counts": matmul_counts(a, b, fmt, chunk), "torch": _matmul_torch(a, b, fmt, chunk)}
+    native = _matmul_native(a, b, fmt, chunk)
+    if kernel_backend() == "native":
+        assert native is not None
+        out["native"] = native
+    return out
+
+
 def _check(a, b, fmt, chunk):
     expected, counts = literal(a, b, fmt, chunk)
-    got, got_counts = matmul_counts(a, b, fmt, chunk)
-    assert got.dtype == torch.float32
-    assert torch.equal(got, torch.tensor(expected, dtype=torch.float32)), (got, expected)
-    assert got_counts == AccumulationCounts(**counts)
+    for name, (got, got_counts) in _kernels(a, b, fmt, chunk).items():
+        assert got.dtype == torch.float32
+        assert torch.equal(got, torch.tensor(expected, dtype=torch.float32)), (name, got, expected)
+        assert got_counts == AccumulationCounts(**counts), name
     return got_counts
 
 
@@ -160,6 +170,7 @@ def test_addends_far_below_the_running_sum_are_swamped(chunk):
 def test_one_term_is_rounded_and_an_empty_sum_is_zero():
     fmt = parse_format("fx8.2")
     assert matmul(torch.tensor([[0.3]]), torch.tensor([[1.0]]), fmt).item() == 0.25
+    assert _matmul_torch(torch.tensor([[0.3]]), torch.tensor([[1.0]]), fmt, 1)[0].item() == 0.25
     assert matmul(torch.zeros(2, 0), torch.zeros(0, 3), fmt).tolist() == [[0.0] * 3] * 2
 
 
@@ -170,3 +181,18 @@ def test_bad_arguments_are_refused():
         matmul(torch.ones(2, 3), torch.ones(2, 2), FixedPoint(8, 2))
     with pytest.raises(ValueError, match="accumulator format"):
         matmul(torch.ones(2, 3), torch.ones(3, 2), parse_format("fp32"))
+
+
+def test_the_kernels_agree_on_larger_products_with_infinities_and_nan():
+    """The C and torch kernels on a product too large for the literal reference, with
+    operands that make some sums inf or NaN on the way (IEEE and saturating formats)."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(9, 300, generator=g) * 30
+    b = torch.randn(300, 7, generator=g) * 30
+    a[2, 5], a[4, 0], b[7, 3] = math.inf, -math.inf, math.nan
+    for fmt in (FORMATS["fp16"], FORMATS["e4m3fn"], FORMATS["bf16"], FixedPoint(24, 4)):
+        for chunk in (1, 32, 300):
+            results = list(_kernels(a, b, fmt, chunk).values())
+            for got, counts in results[1:]:
+                assert torch.equal(got.nan_to_num(7.0), results[0][0].nan_to_num(7.0))
+                assert torch.equal(got.isnan(), results[0][0].isnan()) and counts == results[0][1]
