@@ -151,3 +151,64 @@ def _round(hi: torch.Tensor, lo: torch.Tensor, fmt: Format) -> tuple[torch.Tenso
     else:
         q = q.clamp(fmt.min_value, fmt.max_value)
     return q, over
+
+
+@dataclass(frozen=True)
+class GemmFormats:
+    """The accumulator of each of a layer's three GEMMs: ``forward`` (the output, reducing
+    over the fan-in), ``input_grad`` (the error passed back, reducing over the fan-out) and
+    ``weight_grad`` (reducing over the batch). None: that GEMM sums in float32 (torch's)."""
+
+    forward: Format | None = None
+    input_grad: Format | None = None
+    weight_grad: Format | None = None
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` with each GEMM summed in its accumulator. The bias is the first term of
+    each output's sum (an accumulator preloaded with it), so its gradient is the first term
+    of the weight-gradient GEMM's: the error summed over the batch in that accumulator."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, formats: GemmFormats,
+                chunk: int | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.formats, ctx.chunk, ctx.has_bias = formats, chunk, bias is not None
+        rows = x.reshape(-1, x.shape[-1])
+        a, b = _with_bias(rows, weight.t(), bias)
+        y = _gemm(a, b, formats.forward, chunk)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        formats, chunk = ctx.formats, ctx.chunk
+        dy = grad.reshape(-1, weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1])
+        dx = _gemm(dy, weight, formats.input_grad, chunk).reshape(x.shape)
+        if ctx.has_bias:
+            rows = torch.cat([torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device), rows], dim=1)
+        dw = _gemm(dy.t().contiguous(), rows, formats.weight_grad, chunk)
+        db = dw[:, 0] if ctx.has_bias else None
+        return dx, dw[:, 1:] if ctx.has_bias else dw, db, None, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, formats: GemmFormats,
+           chunk: int | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with its three GEMMs accumulated in ``formats``."""
+    return _Linear.apply(x, weight, bias, formats, chunk)
+
+
+def _with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a @ b + bias`` as one product whose sums start with the bias: a column of ones
+    before ``a``'s columns, the bias as ``b``'s first row."""
+    if bias is None:
+        return a, b
+    ones = torch.ones(len(a), 1, dtype=a.dtype, device=a.device)
+    return torch.cat([ones, a], dim=1), torch.cat([bias.reshape(1, -1).to(b.dtype), b], dim=0)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, fmt: Format | None, chunk: int | None) -> torch.Tensor:
+    if fmt is None:
+        return a @ b
+    return matmul(a.detach(), b.detach(), fmt, chunk)

@@ -10,7 +10,15 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lpcli.accumulate import AccumulationCounts, _matmul_native, _matmul_torch, matmul, matmul_counts
+from lpcli.accumulate import (
+    AccumulationCounts,
+    GemmFormats,
+    _matmul_native,
+    _matmul_torch,
+    linear,
+    matmul,
+    matmul_counts,
+)
 from lpcli.formats import FixedPoint, FloatFormat, kernel_backend, parse_format
 
 FORMATS = {
@@ -196,3 +204,49 @@ def test_the_kernels_agree_on_larger_products_with_infinities_and_nan():
             for got, counts in results[1:]:
                 assert torch.equal(got.nan_to_num(7.0), results[0][0].nan_to_num(7.0))
                 assert torch.equal(got.isnan(), results[0][0].isnan()) and counts == results[0][1]
+
+
+def _dyadic(shape, g, scale=16):
+    """Small multiples of 1/16: every product and sum below is exact in float32 and in fx24.8."""
+    return torch.randint(-scale, scale + 1, shape, generator=g).float() / 16
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_exact_accumulators_is_torchs_linear(bias):
+    """Where no sum needs rounding, the three GEMMs give torch's forward and gradients."""
+    g = torch.Generator().manual_seed(5)
+    x = _dyadic((2, 3, 6), g).requires_grad_()
+    w = _dyadic((4, 6), g).requires_grad_()
+    b = _dyadic((4,), g).requires_grad_() if bias else None
+    grad = _dyadic((2, 3, 4), g)
+    wide = FixedPoint(24, 8)
+    y = linear(x, w, b, GemmFormats(wide, wide, wide), chunk=4)
+    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), grad)
+    y0 = torch.nn.functional.linear(x, w, b)
+    expected = torch.autograd.grad(y0, [x, w] + ([b] if bias else []), grad)
+    assert torch.equal(y, y0)
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_linear_reduces_each_gemm_over_its_own_dimension():
+    """A narrow accumulator per GEMM, against the literal sums: forward over the fan-in
+    (bias first), input gradient over the fan-out, weight gradient over the batch."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 6, generator=g) * 3).requires_grad_()
+    w = (torch.randn(4, 6, generator=g) * 3).requires_grad_()
+    b = (torch.randn(4, generator=g) * 3).requires_grad_()
+    grad = torch.randn(5, 4, generator=g) * 3
+    fmts = GemmFormats(FloatFormat(4, 3), FixedPoint(10, 4), FloatFormat(5, 2))
+    y = linear(x, w, b, fmts, chunk=2)
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], grad)
+    ones = torch.ones(5, 1)
+    assert torch.equal(y, torch.tensor(literal(torch.cat([ones, x.detach()], 1),
+                                               torch.cat([b.detach()[None], w.detach().t()]), fmts.forward, 2)[0]))
+    assert torch.equal(dx, torch.tensor(literal(grad, w.detach(), fmts.input_grad, 2)[0]))
+    both = torch.tensor(literal(grad.t(), torch.cat([ones, x.detach()], 1), fmts.weight_grad, 2)[0])
+    assert torch.equal(db, both[:, 0]) and torch.equal(dw, both[:, 1:])
+    # Without an accumulator for a GEMM it is torch's.
+    y2 = linear(x, w, b, GemmFormats(forward=fmts.forward), chunk=2)
+    dx2 = torch.autograd.grad(y2, x, grad)[0]
+    assert torch.equal(dx2, grad @ w.detach())
