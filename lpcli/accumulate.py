@@ -187,7 +187,7 @@ class _Linear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         dx = _gemm(dy, weight, formats.input_grad, chunk).reshape(x.shape)
         if ctx.has_bias:
-            rows = torch.cat([torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device), rows], dim=1)
+            rows = _ones_first(rows)
         dw = _gemm(dy.t().contiguous(), rows, formats.weight_grad, chunk)
         db = dw[:, 0] if ctx.has_bias else None
         return dx, dw[:, 1:] if ctx.has_bias else dw, db, None, None
@@ -204,8 +204,12 @@ def _with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> t
     before ``a``'s columns, the bias as ``b``'s first row."""
     if bias is None:
         return a, b
-    ones = torch.ones(len(a), 1, dtype=a.dtype, device=a.device)
-    return torch.cat([ones, a], dim=1), torch.cat([bias.reshape(1, -1).to(b.dtype), b], dim=0)
+    return _ones_first(a), torch.cat([bias.reshape(1, -1).to(b.dtype), b], dim=0)
+
+
+def _ones_first(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with a column of ones before its columns: the bias's factor."""
+    return torch.cat([torch.ones(len(a), 1, dtype=a.dtype, device=a.device), a], dim=1)
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, fmt: Format | None, chunk: int | None) -> torch.Tensor:

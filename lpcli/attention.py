@@ -83,7 +83,8 @@ def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 class Point(Protocol):
     """What :class:`SimulatedSoftmax` needs of the simulator: a rounding per role that counts
-    (``masked``: how many of the elements are masked entries, not values) and the rows."""
+    (``masked``: where the elements are masked entries, not values, to leave out of the
+    counts), the key count seen, and how rounded rows enter P·V."""
 
     renormalize: bool
 
