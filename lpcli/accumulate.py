@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import formats
 from .formats import FixedPoint, FloatFormat, Format
@@ -153,15 +154,75 @@ def _round(hi: torch.Tensor, lo: torch.Tensor, fmt: Format) -> tuple[torch.Tenso
     return q, over
 
 
+# A planned layer's three GEMMs: the output (reducing over the fan-in), the error passed back
+# to the input (over the fan-out) and the weight gradient (over the batch, and positions).
+GEMMS = ("forward", "input_grad", "weight_grad")
+
+
 @dataclass(frozen=True)
 class GemmFormats:
-    """The accumulator of each of a layer's three GEMMs: ``forward`` (the output, reducing
-    over the fan-in), ``input_grad`` (the error passed back, reducing over the fan-out) and
-    ``weight_grad`` (reducing over the batch). None: that GEMM sums in float32 (torch's)."""
+    """The accumulator of each of a layer's three GEMMs (:data:`GEMMS`). None: that GEMM
+    sums in float32 (torch's)."""
 
     forward: Format | None = None
     input_grad: Format | None = None
     weight_grad: Format | None = None
+
+
+class GemmTally:
+    """What a layer's accumulators did, per GEMM kind: the counts, and the moments of the
+    sums and of the exact sums (float64) over the finite results, for the variance
+    retention ratio (Sakr et al., ICLR 2019): how much of the exact sums' variance the
+    accumulated sums keep."""
+
+    def __init__(self) -> None:
+        self.additions = dict.fromkeys(GEMMS, 0)
+        self.swamped = dict.fromkeys(GEMMS, 0)
+        self.saturated = dict.fromkeys(GEMMS, 0)
+        self.results = dict.fromkeys(GEMMS, 0)
+        self.moments = {kind: [0.0] * 5 for kind in GEMMS}  # n, sum q, sum q^2, sum e, sum e^2
+
+    def add(self, kind: str, counts: AccumulationCounts, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.additions[kind] += counts.additions
+        self.swamped[kind] += counts.swamped
+        self.saturated[kind] += counts.saturated
+        self.results[kind] += q.numel()
+        exact = a.double() @ b.double()
+        finite = torch.isfinite(q)
+        q64, exact = q.double()[finite], exact[finite]
+        values = (q64.numel(), q64.sum(), (q64 * q64).sum(), exact.sum(), (exact * exact).sum())
+        self.moments[kind] = [m + float(v) for m, v in zip(self.moments[kind], values, strict=True)]
+
+    def retention(self, kind: str) -> float | None:
+        """Variance of the accumulated sums over that of the exact sums (None before any)."""
+        n, sq, sq2, se, se2 = self.moments[kind]
+        exact = se2 - se * se / n if n > 1 else 0.0
+        return (sq2 - sq * sq / n) / exact if exact > 0 else None
+
+    def as_dict(self) -> dict[str, dict[str, float | int | None]]:
+        return {kind: {"additions": self.additions[kind], "swamped": self.swamped[kind],
+                       "saturated": self.saturated[kind], "results": self.results[kind],
+                       "retention": self.retention(kind)}
+                for kind in GEMMS if self.additions[kind] or self.results[kind]}
+
+
+@dataclass(frozen=True)
+class _Gemms:
+    """What a layer's autograd functions need to accumulate: formats, chunk and tally."""
+
+    formats: GemmFormats
+    chunk: int | None
+    tally: GemmTally | None
+
+    def product(self, kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fmt = getattr(self.formats, kind)
+        if fmt is None:
+            return a @ b
+        a, b = a.detach(), b.detach()
+        q, counts = matmul_counts(a, b, fmt, self.chunk)
+        if self.tally is not None:
+            self.tally.add(kind, counts, q, a, b)
+        return q
 
 
 class _Linear(torch.autograd.Function):
@@ -170,33 +231,169 @@ class _Linear(torch.autograd.Function):
     of the weight-gradient GEMM's: the error summed over the batch in that accumulator."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, formats: GemmFormats,
-                chunk: int | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemms: _Gemms) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.formats, ctx.chunk, ctx.has_bias = formats, chunk, bias is not None
+        ctx.gemms, ctx.has_bias = gemms, bias is not None
         rows = x.reshape(-1, x.shape[-1])
         a, b = _with_bias(rows, weight.t(), bias)
-        y = _gemm(a, b, formats.forward, chunk)
+        y = gemms.product("forward", a, b)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        formats, chunk = ctx.formats, ctx.chunk
+        gemms = ctx.gemms
         dy = grad.reshape(-1, weight.shape[0])
-        rows = x.reshape(-1, x.shape[-1])
-        dx = _gemm(dy, weight, formats.input_grad, chunk).reshape(x.shape)
-        if ctx.has_bias:
-            rows = _ones_first(rows)
-        dw = _gemm(dy.t().contiguous(), rows, formats.weight_grad, chunk)
-        db = dw[:, 0] if ctx.has_bias else None
-        return dx, dw[:, 1:] if ctx.has_bias else dw, db, None, None
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = gemms.product("input_grad", dy, weight).reshape(x.shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            rows = x.reshape(-1, x.shape[-1])
+            if ctx.has_bias:
+                rows = _ones_first(rows)
+            both = gemms.product("weight_grad", dy.t().contiguous(), rows)
+            dw, db = (both[:, 1:], both[:, 0]) if ctx.has_bias else (both, None)
+        return dx, dw, db, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, formats: GemmFormats,
-           chunk: int | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with its three GEMMs accumulated in ``formats``."""
-    return _Linear.apply(x, weight, bias, formats, chunk)
+           chunk: int | None = None, tally: GemmTally | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with its three GEMMs accumulated in ``formats``
+    (what they did added to ``tally``)."""
+    return _Linear.apply(x, weight, bias, _Gemms(formats, chunk, tally))
+
+
+def _pairs(value: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"conv2d: {name} must be an int or a pair, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _conv_padding(padding: str | int | tuple[int, ...], kernel: tuple[int, int],
+                  dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), with torch's meaning of "valid" and "same" (the extra
+    row or column of an even kernel at the end)."""
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        return total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2
+    if isinstance(padding, str):
+        raise ValueError(f"conv2d: padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+    ph, pw = _pairs(padding, "padding")
+    return ph, ph, pw, pw
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` as GEMMs (im2col), each summed in its accumulator:
+
+    * forward: per output position, over the fan-in in ``unfold``'s order (input channel,
+      kernel row, kernel column), the bias first;
+    * weight gradient: per weight, over the batch and the output positions (example by
+      example, positions in row-major order), the bias's gradient as the first column;
+    * input gradient: a transposed convolution, one sum per input element over the
+      group's output channels and every kernel tap, the taps from the last to the first
+      (the error's positions in order). A tap that falls on the padding or between the
+      strided output positions contributes a zero product, as in hardware that computes
+      the input gradient as a convolution of the zero-inserted, zero-padded error.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int,
+                gemms: _Gemms) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        out_channels, group_in, kh, kw = weight.shape
+        if channels != group_in * groups or out_channels % groups:
+            raise ValueError(f"conv2d: weight {tuple(weight.shape)} does not fit input {tuple(x.shape)} with "
+                             f"groups={groups}")
+        cols = F.unfold(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), (kh, kw), dilation=dilation, stride=stride)
+        out_h = (height + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (width + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        group_out, fan_in = out_channels // groups, group_in * kh * kw
+        outputs = []
+        for g in range(groups):
+            rows = cols[:, g * fan_in:(g + 1) * fan_in].transpose(1, 2).reshape(-1, fan_in)
+            w = weight[g * group_out:(g + 1) * group_out].reshape(group_out, fan_in)
+            a, b = _with_bias(rows, w.t(), None if bias is None else bias[g * group_out:(g + 1) * group_out])
+            outputs.append(gemms.product("forward", a, b).reshape(batch, out_h * out_w, group_out))
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, pads, dilation, groups, (out_h, out_w)
+        ctx.gemms, ctx.has_bias = gemms, bias is not None
+        y = torch.cat(outputs, dim=2) if groups > 1 else outputs[0]
+        return y.transpose(1, 2).reshape(batch, out_channels, out_h, out_w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        stride, pads, dilation, groups, (out_h, out_w) = ctx.geometry
+        gemms = ctx.gemms
+        batch, channels, height, width = x.shape
+        out_channels, group_in, kh, kw = weight.shape
+        group_out, fan_in = out_channels // groups, group_in * kh * kw
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.cat([_conv_input_grad(grad[:, g * group_out:(g + 1) * group_out],
+                                             weight[g * group_out:(g + 1) * group_out], (height, width), stride,
+                                             pads, dilation, gemms) for g in range(groups)], dim=1)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            cols = F.unfold(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), (kh, kw), dilation=dilation,
+                            stride=stride)
+            grads, bias_grads = [], []
+            for g in range(groups):
+                rows = cols[:, g * fan_in:(g + 1) * fan_in].transpose(1, 2).reshape(-1, fan_in)
+                if ctx.has_bias:
+                    rows = _ones_first(rows)
+                dy = grad[:, g * group_out:(g + 1) * group_out].reshape(batch, group_out, -1)
+                dy = dy.transpose(0, 1).reshape(group_out, -1).contiguous()
+                both = gemms.product("weight_grad", dy, rows)
+                if ctx.has_bias:
+                    bias_grads.append(both[:, 0])
+                    both = both[:, 1:]
+                grads.append(both.reshape(group_out, group_in, kh, kw))
+            dw = torch.cat(grads) if groups > 1 else grads[0]
+            db = (torch.cat(bias_grads) if groups > 1 else bias_grads[0]) if ctx.has_bias else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, size: tuple[int, int], stride: tuple[int, int],
+                     pads: tuple[int, int, int, int], dilation: tuple[int, int], gemms: _Gemms) -> torch.Tensor:
+    """One group's input gradient (see :class:`_Conv2d`): the error zero-inserted between
+    its strided positions and zero-padded, unfolded with the flipped kernel."""
+    batch, group_out, out_h, out_w = grad.shape
+    group_out, group_in, kh, kw = weight.shape
+    reach_h, reach_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+    spread = grad.new_zeros(batch, group_out, (out_h - 1) * stride[0] + 1, (out_w - 1) * stride[1] + 1)
+    spread[:, :, ::stride[0], ::stride[1]] = grad
+    # The padded input's row r takes the error rows r - reach .. r (in steps of the dilation);
+    # only the rows of the unpadded input are wanted: pads[0] .. pads[0] + height - 1.
+    height, width = size
+    top, left = reach_h - pads[0], reach_w - pads[2]
+    bottom = height + reach_h - top - spread.shape[2]
+    right = width + reach_w - left - spread.shape[3]
+    spread = F.pad(spread, (left, right, top, bottom))  # negative pads crop
+    cols = F.unfold(spread, (kh, kw), dilation=dilation)  # (batch, group_out*kh*kw, height*width)
+    rows = cols.transpose(1, 2).reshape(-1, group_out * kh * kw)
+    flipped = weight.flip(2, 3).permute(0, 2, 3, 1).reshape(group_out * kh * kw, group_in)
+    dx = gemms.product("input_grad", rows, flipped)
+    return dx.reshape(batch, height, width, group_in).permute(0, 3, 1, 2)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           stride: int | tuple[int, int] = 1, padding: str | int | tuple[int, int] = 0,
+           dilation: int | tuple[int, int] = 1, groups: int = 1, formats: GemmFormats = GemmFormats(),
+           chunk: int | None = None, tally: GemmTally | None = None) -> torch.Tensor:
+    """``F.conv2d`` on a 4-d input with its three GEMMs accumulated in ``formats`` (see
+    :class:`_Conv2d` for each sum's order; what they did added to ``tally``)."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d: need a (N, C, H, W) input and a 4-d weight, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    kernel = (weight.shape[2], weight.shape[3])
+    dilation = _pairs(dilation, "dilation")
+    pads = _conv_padding(padding, kernel, dilation)
+    return _Conv2d.apply(x, weight, bias, _pairs(stride, "stride"), pads, dilation, groups,
+                         _Gemms(formats, chunk, tally))
 
 
 def _with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +407,3 @@ def _with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> t
 def _ones_first(a: torch.Tensor) -> torch.Tensor:
     """``a`` with a column of ones before its columns: the bias's factor."""
     return torch.cat([torch.ones(len(a), 1, dtype=a.dtype, device=a.device), a], dim=1)
-
-
-def _gemm(a: torch.Tensor, b: torch.Tensor, fmt: Format | None, chunk: int | None) -> torch.Tensor:
-    if fmt is None:
-        return a @ b
-    return matmul(a.detach(), b.detach(), fmt, chunk)

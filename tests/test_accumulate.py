@@ -13,8 +13,10 @@ import torch
 from lpcli.accumulate import (
     AccumulationCounts,
     GemmFormats,
+    GemmTally,
     _matmul_native,
     _matmul_torch,
+    conv2d,
     linear,
     matmul,
     matmul_counts,
@@ -250,3 +252,121 @@ def test_linear_reduces_each_gemm_over_its_own_dimension():
     y2 = linear(x, w, b, GemmFormats(forward=fmts.forward), chunk=2)
     dx2 = torch.autograd.grad(y2, x, grad)[0]
     assert torch.equal(dx2, grad @ w.detach())
+
+
+GEOMETRIES = [  # stride, padding, dilation, groups, input (H, W), kernel
+    (1, 0, 1, 1, (6, 7), (3, 3)),
+    (2, 1, 1, 1, (7, 8), (3, 3)),
+    (2, (2, 1), 2, 2, (9, 8), (3, 2)),
+    (1, "same", 2, 1, (6, 6), (3, 3)),
+    (1, "same", 1, 1, (5, 6), (4, 2)),
+    (1, "valid", 1, 1, (5, 5), (2, 2)),
+    (3, 3, 1, 1, (5, 6), (2, 2)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_with_exact_accumulators_is_torchs_conv2d(geometry, bias):
+    """Where no sum needs rounding, forward, input, weight and bias gradients are torch's
+    for strides, paddings (the asymmetric "same" of an even kernel too), dilation, groups."""
+    stride, padding, dilation, groups, size, kernel = geometry
+    g = torch.Generator().manual_seed(7)
+    x = _dyadic((2, 4, *size), g).requires_grad_()
+    w = _dyadic((6, 4 // groups, *kernel), g).requires_grad_()
+    b = _dyadic((6,), g).requires_grad_() if bias else None
+    wide = FixedPoint(24, 8)
+    y = conv2d(x, w, b, stride, padding, dilation, groups, GemmFormats(wide, wide, wide), chunk=5)
+    y0 = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+    grad = _dyadic(y0.shape, g)
+    wanted = [x, w] + ([b] if bias else [])
+    assert torch.equal(y, y0)
+    for got, expected in zip(torch.autograd.grad(y, wanted, grad), torch.autograd.grad(y0, wanted, grad),
+                             strict=True):
+        assert torch.equal(got, expected)
+
+
+def _padded(x, top, left, r, c):
+    """x's element at (r, c) of its zero-padded plane, padded by top and left."""
+    r, c = r - top, c - left
+    return float(x[r, c]) if 0 <= r < x.shape[0] and 0 <= c < x.shape[1] else 0.0
+
+
+def test_conv2d_sums_each_gemm_in_the_documented_order():
+    """A narrow accumulator per GEMM against literal sums whose terms are listed by loops
+    from the definitions: forward over (channel, kernel row, kernel column) after the bias;
+    weight gradient over (example, output row, output column), the bias's as a first column;
+    input gradient over (output channel, kernel taps from last to first), a tap off the
+    error's strided positions a zero product."""
+    g = torch.Generator().manual_seed(8)
+    stride, pad, dil = 2, 1, 1
+    x = (torch.randn(2, 2, 5, 5, generator=g) * 3).requires_grad_()
+    w = (torch.randn(3, 2, 3, 3, generator=g) * 3).requires_grad_()
+    b = (torch.randn(3, generator=g) * 3).requires_grad_()
+    fmts = GemmFormats(FloatFormat(4, 3), FixedPoint(10, 3), FloatFormat(5, 2))
+    chunk = 4
+    y = conv2d(x, w, b, stride, pad, dil, 1, fmts, chunk)
+    grad = torch.randn(y.shape, generator=g) * 3
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], grad)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    out_h, out_w = y.shape[2:]
+    # forward: rows (example, output row, output column), columns (1, channel, kernel row, kernel column)
+    a_rows = [[1.0] + [_padded(xd[n, c], pad, pad, i * stride + ki, j * stride + kj)
+                       for c in range(2) for ki in range(3) for kj in range(3)]
+              for n in range(2) for i in range(out_h) for j in range(out_w)]
+    b_cols = [[float(bd[o])] + [float(wd[o, c, ki, kj]) for c in range(2) for ki in range(3) for kj in range(3)]
+              for o in range(3)]
+    forward = literal(torch.tensor(a_rows), torch.tensor(b_cols).t(), fmts.forward, chunk)[0]
+    assert torch.equal(y.permute(0, 2, 3, 1).reshape(-1, 3), torch.tensor(forward))
+    # weight gradient: one row per output channel, the same columns as the forward's rows
+    dy_rows = [[float(grad[n, o, i, j]) for n in range(2) for i in range(out_h) for j in range(out_w)]
+               for o in range(3)]
+    both = torch.tensor(literal(torch.tensor(dy_rows), torch.tensor(a_rows), fmts.weight_grad, chunk)[0])
+    assert torch.equal(db, both[:, 0]) and torch.equal(dw, both[:, 1:].reshape(3, 2, 3, 3))
+    # input gradient: input element (n, c, r, s) sums over o, then kernel taps ki, kj from the last
+    def error_at(n, o, r, s, ki, kj):
+        top, left = r + pad - ki * dil, s + pad - kj * dil
+        if top % stride or left % stride:
+            return 0.0
+        return _padded(grad[n, o], 0, 0, top // stride, left // stride)
+    e_rows = [[error_at(n, o, r, s, ki, kj) for o in range(3) for ki in reversed(range(3)) for kj in reversed(range(3))]
+              for n in range(2) for r in range(5) for s in range(5)]
+    w_cols = [[float(wd[o, c, ki, kj]) for o in range(3) for ki in reversed(range(3)) for kj in reversed(range(3))]
+              for c in range(2)]
+    expected = literal(torch.tensor(e_rows), torch.tensor(w_cols).t(), fmts.input_grad, chunk)[0]
+    assert torch.equal(dx.permute(0, 2, 3, 1).reshape(-1, 2), torch.tensor(expected))
+
+
+def test_conv2d_refuses_what_it_cannot_compute():
+    x, w = torch.zeros(1, 4, 5, 5), torch.zeros(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        conv2d(x, w, formats=GemmFormats(FixedPoint(16, 8)))
+    with pytest.raises(ValueError, match="padding"):
+        conv2d(x, torch.zeros(2, 4, 3, 3), padding="full")
+    with pytest.raises(ValueError, match="4-d"):
+        conv2d(x[0], torch.zeros(2, 4, 3, 3))
+
+
+def test_the_tally_counts_every_gemm_and_the_variance_each_kept():
+    """The tally's counts are the kernels' per GEMM, and its retention is the variance of
+    the accumulated sums over that of the exact ones (computed here from the products)."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(40, 64, generator=g)).requires_grad_()
+    w = (torch.randn(8, 64, generator=g)).requires_grad_()
+    fmts = GemmFormats(FloatFormat(5, 3), None, FixedPoint(8, 3))
+    tally = GemmTally()
+    y = linear(x, w, None, fmts, chunk=64, tally=tally)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    forward, counts = matmul_counts(x.detach(), w.detach().t(), fmts.forward, 64)
+    exact = x.detach().double() @ w.detach().double().t()
+    doc = tally.as_dict()
+    assert set(doc) == {"forward", "weight_grad"}  # no accumulator: no tally
+    assert doc["forward"]["additions"] == 40 * 8 * 63 == counts.additions
+    assert (doc["forward"]["swamped"], doc["forward"]["saturated"]) == (counts.swamped, counts.saturated)
+    assert counts.swamped > 0
+    assert doc["forward"]["retention"] == pytest.approx(float(forward.double().var() / exact.var()), rel=1e-9)
+    assert doc["forward"]["retention"] != 1.0
+    _, grad_counts = matmul_counts(grad.t().contiguous(), x.detach(), fmts.weight_grad, 64)
+    assert doc["weight_grad"]["saturated"] == grad_counts.saturated > 0
