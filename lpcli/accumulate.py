@@ -29,10 +29,13 @@ in exact rational arithmetic.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from . import formats
 from .formats import FixedPoint, FloatFormat, Format
@@ -193,6 +196,16 @@ class GemmTally:
         values = (q64.numel(), q64.sum(), (q64 * q64).sum(), exact.sum(), (exact * exact).sum())
         self.moments[kind] = [m + float(v) for m, v in zip(self.moments[kind], values, strict=True)]
 
+    def packed(self) -> torch.Tensor:
+        """Every count and moment in one float64 tensor (to sum over ranks; :meth:`unpack`)."""
+        return torch.tensor([[self.additions[k], self.swamped[k], self.saturated[k], self.results[k],
+                              *self.moments[k]] for k in GEMMS], dtype=torch.float64)
+
+    def unpack(self, packed: torch.Tensor) -> None:
+        for kind, row in zip(GEMMS, packed.tolist(), strict=True):
+            self.additions[kind], self.swamped[kind], self.saturated[kind], self.results[kind] = map(int, row[:4])
+            self.moments[kind] = row[4:]
+
     def retention(self, kind: str) -> float | None:
         """Variance of the accumulated sums over that of the exact sums (None before any)."""
         n, sq, sq2, se, se2 = self.moments[kind]
@@ -234,24 +247,19 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemms: _Gemms) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.gemms, ctx.has_bias = gemms, bias is not None
-        rows = x.reshape(-1, x.shape[-1])
-        a, b = _with_bias(rows, weight.t(), bias)
-        y = gemms.product("forward", a, b)
+        y = gemms.product("forward", *linear_operands("forward", x, weight, bias))
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         gemms = ctx.gemms
-        dy = grad.reshape(-1, weight.shape[0])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = gemms.product("input_grad", dy, weight).reshape(x.shape)
+            dx = gemms.product("input_grad", *linear_operands("input_grad", x, weight, None, grad)).reshape(x.shape)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            rows = x.reshape(-1, x.shape[-1])
-            if ctx.has_bias:
-                rows = _ones_first(rows)
-            both = gemms.product("weight_grad", dy.t().contiguous(), rows)
+            bias = weight.new_empty(0) if ctx.has_bias else None  # only whether there is one matters here
+            both = gemms.product("weight_grad", *linear_operands("weight_grad", x, weight, bias, grad))
             dw, db = (both[:, 1:], both[:, 0]) if ctx.has_bias else (both, None)
         return dx, dw, db, None
 
@@ -285,8 +293,33 @@ def _conv_padding(padding: str | int | tuple[int, ...], kernel: tuple[int, int],
     return ph, ph, pw, pw
 
 
-class _Conv2d(torch.autograd.Function):
-    """``F.conv2d`` as GEMMs (im2col), each summed in its accumulator:
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's shape: stride, padding (top, bottom, left, right), dilation, groups."""
+
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def columns(self, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+        """``x`` padded and unfolded: (batch, channels * kh * kw, output positions)."""
+        p = self.pads
+        return F.unfold(F.pad(x, (p[2], p[3], p[0], p[1])), kernel, dilation=self.dilation, stride=self.stride)
+
+    def output_size(self, size: tuple[int, int], kernel: tuple[int, int]) -> tuple[int, int]:
+        p, d, s = self.pads, self.dilation, self.stride
+        return ((size[0] + p[0] + p[1] - d[0] * (kernel[0] - 1) - 1) // s[0] + 1,
+                (size[1] + p[2] + p[3] - d[1] * (kernel[1] - 1) - 1) // s[1] + 1)
+
+
+Operands = tuple[torch.Tensor, torch.Tensor]
+
+
+def conv2d_operands(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    geometry: ConvGeometry, grad: torch.Tensor | None = None) -> list[Operands]:
+    """The ``(a, b)`` of a convolution's GEMM ``kind``, one pair per group, whose product
+    :class:`_Conv2d` sums (``grad``: the error at the output, for the backward GEMMs):
 
     * forward: per output position, over the fan-in in ``unfold``'s order (input channel,
       kernel row, kernel column), the bias first;
@@ -298,74 +331,36 @@ class _Conv2d(torch.autograd.Function):
       strided output positions contributes a zero product, as in hardware that computes
       the input gradient as a convolution of the zero-inserted, zero-padded error.
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
-                pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int,
-                gemms: _Gemms) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        out_channels, group_in, kh, kw = weight.shape
-        if channels != group_in * groups or out_channels % groups:
-            raise ValueError(f"conv2d: weight {tuple(weight.shape)} does not fit input {tuple(x.shape)} with "
-                             f"groups={groups}")
-        cols = F.unfold(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), (kh, kw), dilation=dilation, stride=stride)
-        out_h = (height + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        out_w = (width + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        group_out, fan_in = out_channels // groups, group_in * kh * kw
-        outputs = []
-        for g in range(groups):
-            rows = cols[:, g * fan_in:(g + 1) * fan_in].transpose(1, 2).reshape(-1, fan_in)
-            w = weight[g * group_out:(g + 1) * group_out].reshape(group_out, fan_in)
-            a, b = _with_bias(rows, w.t(), None if bias is None else bias[g * group_out:(g + 1) * group_out])
-            outputs.append(gemms.product("forward", a, b).reshape(batch, out_h * out_w, group_out))
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = stride, pads, dilation, groups, (out_h, out_w)
-        ctx.gemms, ctx.has_bias = gemms, bias is not None
-        y = torch.cat(outputs, dim=2) if groups > 1 else outputs[0]
-        return y.transpose(1, 2).reshape(batch, out_channels, out_h, out_w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        stride, pads, dilation, groups, (out_h, out_w) = ctx.geometry
-        gemms = ctx.gemms
-        batch, channels, height, width = x.shape
-        out_channels, group_in, kh, kw = weight.shape
-        group_out, fan_in = out_channels // groups, group_in * kh * kw
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.cat([_conv_input_grad(grad[:, g * group_out:(g + 1) * group_out],
-                                             weight[g * group_out:(g + 1) * group_out], (height, width), stride,
-                                             pads, dilation, gemms) for g in range(groups)], dim=1)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            cols = F.unfold(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), (kh, kw), dilation=dilation,
-                            stride=stride)
-            grads, bias_grads = [], []
-            for g in range(groups):
-                rows = cols[:, g * fan_in:(g + 1) * fan_in].transpose(1, 2).reshape(-1, fan_in)
-                if ctx.has_bias:
-                    rows = _ones_first(rows)
-                dy = grad[:, g * group_out:(g + 1) * group_out].reshape(batch, group_out, -1)
-                dy = dy.transpose(0, 1).reshape(group_out, -1).contiguous()
-                both = gemms.product("weight_grad", dy, rows)
-                if ctx.has_bias:
-                    bias_grads.append(both[:, 0])
-                    both = both[:, 1:]
-                grads.append(both.reshape(group_out, group_in, kh, kw))
-            dw = torch.cat(grads) if groups > 1 else grads[0]
-            db = (torch.cat(bias_grads) if groups > 1 else bias_grads[0]) if ctx.has_bias else None
-        return dx, dw, db, None, None, None, None, None
+    out_channels, group_in, kh, kw = weight.shape
+    groups = geometry.groups
+    group_out, fan_in = out_channels // groups, group_in * kh * kw
+    outs = [slice(g * group_out, (g + 1) * group_out) for g in range(groups)]
+    if kind == "input_grad":
+        assert grad is not None
+        return [_input_grad_operands(grad[:, o], weight[o], (x.shape[2], x.shape[3]), geometry) for o in outs]
+    cols = geometry.columns(x, (kh, kw))
+    pairs = []
+    for g, o in enumerate(outs):
+        rows = cols[:, g * fan_in:(g + 1) * fan_in].transpose(1, 2).reshape(-1, fan_in)
+        if kind == "forward":
+            pairs.append(_with_bias(rows, weight[o].reshape(group_out, fan_in).t(), None if bias is None else bias[o]))
+        else:
+            assert grad is not None
+            dy = grad[:, o].reshape(len(x), group_out, -1).transpose(0, 1).reshape(group_out, -1).contiguous()
+            pairs.append((dy, rows if bias is None else _ones_first(rows)))
+    return pairs
 
 
-def _conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, size: tuple[int, int], stride: tuple[int, int],
-                     pads: tuple[int, int, int, int], dilation: tuple[int, int], gemms: _Gemms) -> torch.Tensor:
-    """One group's input gradient (see :class:`_Conv2d`): the error zero-inserted between
-    its strided positions and zero-padded, unfolded with the flipped kernel."""
+def _input_grad_operands(grad: torch.Tensor, weight: torch.Tensor, size: tuple[int, int],
+                         geometry: ConvGeometry) -> Operands:
+    """One group's input-gradient GEMM: the error zero-inserted between its strided
+    positions and zero-padded, unfolded with the flipped kernel."""
     batch, group_out, out_h, out_w = grad.shape
     group_out, group_in, kh, kw = weight.shape
+    (sh, sw), pads, dilation = geometry.stride, geometry.pads, geometry.dilation
     reach_h, reach_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-    spread = grad.new_zeros(batch, group_out, (out_h - 1) * stride[0] + 1, (out_w - 1) * stride[1] + 1)
-    spread[:, :, ::stride[0], ::stride[1]] = grad
+    spread = grad.new_zeros(batch, group_out, (out_h - 1) * sh + 1, (out_w - 1) * sw + 1)
+    spread[:, :, ::sh, ::sw] = grad
     # The padded input's row r takes the error rows r - reach .. r (in steps of the dilation);
     # only the rows of the unpadded input are wanted: pads[0] .. pads[0] + height - 1.
     height, width = size
@@ -375,9 +370,61 @@ def _conv_input_grad(grad: torch.Tensor, weight: torch.Tensor, size: tuple[int, 
     spread = F.pad(spread, (left, right, top, bottom))  # negative pads crop
     cols = F.unfold(spread, (kh, kw), dilation=dilation)  # (batch, group_out*kh*kw, height*width)
     rows = cols.transpose(1, 2).reshape(-1, group_out * kh * kw)
-    flipped = weight.flip(2, 3).permute(0, 2, 3, 1).reshape(group_out * kh * kw, group_in)
-    dx = gemms.product("input_grad", rows, flipped)
-    return dx.reshape(batch, height, width, group_in).permute(0, 3, 1, 2)
+    return rows, weight.flip(2, 3).permute(0, 2, 3, 1).reshape(group_out * kh * kw, group_in)
+
+
+def linear_operands(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    grad: torch.Tensor | None = None) -> Operands:
+    """The ``(a, b)`` of a linear layer's GEMM ``kind`` (see :class:`_Linear`)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if kind == "forward":
+        return _with_bias(rows, weight.t(), bias)
+    assert grad is not None
+    dy = grad.reshape(-1, weight.shape[0])
+    if kind == "input_grad":
+        return dy, weight
+    return dy.t().contiguous(), rows if bias is None else _ones_first(rows)
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` as GEMMs (:func:`conv2d_operands`), each summed in its accumulator."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry,
+                gemms: _Gemms) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        out_channels, group_in, kh, kw = weight.shape
+        if channels != group_in * geometry.groups or out_channels % geometry.groups:
+            raise ValueError(f"conv2d: weight {tuple(weight.shape)} does not fit input {tuple(x.shape)} with "
+                             f"groups={geometry.groups}")
+        out_h, out_w = geometry.output_size((x.shape[2], x.shape[3]), (kh, kw))
+        outputs = [gemms.product("forward", a, b).reshape(batch, out_h * out_w, -1)
+                   for a, b in conv2d_operands("forward", x, weight, bias, geometry)]
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.gemms, ctx.has_bias = geometry, gemms, bias is not None
+        y = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        return y.transpose(1, 2).reshape(batch, out_channels, out_h, out_w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        geometry, gemms = ctx.geometry, ctx.gemms
+        batch, _, height, width = x.shape
+        group_in, kh, kw = weight.shape[1:]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            parts = [gemms.product("input_grad", a, b).reshape(batch, height, width, group_in).permute(0, 3, 1, 2)
+                     for a, b in conv2d_operands("input_grad", x, weight, None, geometry, grad)]
+            dx = torch.cat(parts, dim=1)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            bias = weight.new_empty(0) if ctx.has_bias else None  # only whether there is one matters here
+            both = [gemms.product("weight_grad", a, b) for a, b in conv2d_operands("weight_grad", x, weight, bias,
+                                                                                    geometry, grad)]
+            if ctx.has_bias:
+                db = torch.cat([t[:, 0] for t in both])
+                both = [t[:, 1:] for t in both]
+            dw = torch.cat(both).reshape(weight.shape)
+        return dx, dw, db, None, None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -385,15 +432,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            dilation: int | tuple[int, int] = 1, groups: int = 1, formats: GemmFormats = GemmFormats(),
            chunk: int | None = None, tally: GemmTally | None = None) -> torch.Tensor:
     """``F.conv2d`` on a 4-d input with its three GEMMs accumulated in ``formats`` (see
-    :class:`_Conv2d` for each sum's order; what they did added to ``tally``)."""
+    :func:`conv2d_operands` for each sum's order; what they did added to ``tally``)."""
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv2d: need a (N, C, H, W) input and a 4-d weight, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     kernel = (weight.shape[2], weight.shape[3])
     dilation = _pairs(dilation, "dilation")
-    pads = _conv_padding(padding, kernel, dilation)
-    return _Conv2d.apply(x, weight, bias, _pairs(stride, "stride"), pads, dilation, groups,
-                         _Gemms(formats, chunk, tally))
+    geometry = ConvGeometry(_pairs(stride, "stride"), _conv_padding(padding, kernel, dilation), dilation, groups)
+    return _Conv2d.apply(x, weight, bias, geometry, _Gemms(formats, chunk, tally))
 
 
 def _with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,3 +453,39 @@ def _with_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> t
 def _ones_first(a: torch.Tensor) -> torch.Tensor:
     """``a`` with a column of ones before its columns: the bias's factor."""
     return torch.cat([torch.ones(len(a), 1, dtype=a.dtype, device=a.device), a], dim=1)
+
+
+class AccumulatorMode(TorchFunctionMode):
+    """While active, ``F.linear`` and ``F.conv2d`` calls whose weight is one of ``weights``
+    (a planned layer's own parameters: not a child's, not a weight the layer borrows) go
+    through :func:`linear` and :func:`conv2d`; ``tally_for()`` says where their counts go
+    (None: not counted, as in an evaluation pass). Everything else runs as it is."""
+
+    def __init__(self, weights: Iterable[torch.Tensor], formats: GemmFormats, chunk: int | None,
+                 tally_for: Callable[[], GemmTally | None]) -> None:
+        super().__init__()
+        self.weights = {id(w) for w in weights}
+        self.formats, self.chunk, self.tally_for = formats, chunk, tally_for
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear or func is F.conv2d:
+            call = dict(zip(_LINEAR_ARGS if func is F.linear else _CONV2D_ARGS, args, strict=False), **kwargs)
+            if id(call.get("weight")) in self.weights:
+                if func is F.linear:
+                    return linear(call["input"], call["weight"], call.get("bias"), self.formats, self.chunk,
+                                  self.tally_for())
+                return self._conv2d(**call)
+        return func(*args, **kwargs)
+
+    def _conv2d(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+        unbatched = input.dim() == 3
+        y = conv2d(input.unsqueeze(0) if unbatched else input, weight, bias, stride, padding, dilation, groups,
+                   self.formats, self.chunk, self.tally_for())
+        return y.squeeze(0) if unbatched else y
+
+
+_LINEAR_ARGS = ("input", "weight", "bias")
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+

@@ -114,7 +114,12 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
             for name, r in results.items()}
     diagnostics: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in plan.layers}
     attention: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in plan.attention}
+    accumulators: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {name: {} for name in plan.accumulators}
     for run, result in results.items():
+        for name, kinds in (result.diagnostics or {}).get("accumulators", {}).items():
+            for kind, values in kinds.items():
+                for key, value in values.items():
+                    accumulators[name].setdefault(kind, {}).setdefault(key, {})[run] = value
         for name, values in (result.diagnostics or {}).get("layers", {}).items():
             for key, value in values.items():
                 diagnostics[name].setdefault(key, {})[run] = value
@@ -132,6 +137,7 @@ def train_check(recipe: Recipe | str | Path | None = None, plan: Plan | None = N
         diagnostics=diagnostics,
         softmax={run: r.diagnostics["softmax"] for run, r in results.items() if r.diagnostics is not None},
         attention=attention,
+        accumulators=accumulators,
         kept_fp32=results["kahan"].kept_fp32 or [],
         verdict=paired_verdict([(o[0].seed, o[1]["fp32"], o[1]["kahan"]) for o in outcomes], tolerance),
         seconds=seconds,
@@ -319,6 +325,8 @@ def _sum_counts(simulator: Simulator, world: World, device: torch.device) -> Non
     for counter, totals in zip(counters, joined[:-2].split(4), strict=True):
         counter.totals = totals.clone()
     simulator.target_error_counts = joined[-2:].clone()
+    for tally in simulator.gemm_tallies.values():  # host numbers, exact in float64 below 2^53
+        tally.unpack(all_sum(tally.packed().to(device), world).cpu())
 
 
 def _correct(predictions: torch.Tensor, data: Dataset) -> torch.Tensor:

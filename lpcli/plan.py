@@ -24,6 +24,11 @@ A module that computes attention (``nn.MultiheadAttention``, or any module calli
 probs_error}`` in its entry (see :mod:`lpcli.attention`); a module with no parameters of
 its own (a user's attention block around its projections) has an entry with ``attention``
 alone.
+
+A layer whose GEMMs are planned has ``accumulator: {forward, input_grad, weight_grad}``
+(fixed point or float formats; fp32 or absent: torch's float32 sum), and the plan has
+``accumulator_chunk``: the terms each partial sum takes before the chunk sums are added
+(null: one sequential sum; see :mod:`lpcli.accumulate`).
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .accumulate import GEMMS, GemmFormats
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import ROWS as ATTENTION_ROWS
 from .files import check_header, header
-from .formats import FixedPoint, Format
+from .formats import FixedPoint, Float32, FloatFormat, Format
 from .optim import compensation_format
 from .schema import Fields
 
@@ -52,7 +58,8 @@ TENSORS = ("input", "weight", "activation", "error", "weight_grad", "momentum", 
 # default derived from the weight format (lpcli.optim.compensation_format).
 OPTIONAL_TENSORS = ("input", "momentum", "variance", "compensation")
 PLAN_KEYS = ("lpcli", "classes", "output_layer", "layers", "keep_fp32", "tied", "softmax_input", "softmax_error",
-             "softmax_error_rows", "attention_rows", "optimizer", "reasons", "summary", "source", "verify")
+             "softmax_error_rows", "attention_rows", "accumulator_chunk", "optimizer", "reasons", "summary", "source",
+             "verify")
 # How the rounded softmax error is formed: "zero-sum" (the target's error is minus the sum of
 # the rounded non-target errors, so every row sums to zero) or "each" (every entry rounded).
 ERROR_ROWS = ("zero-sum", "each")
@@ -77,6 +84,14 @@ class Plan:
     # Per module computing attention, the formats of its softmax (lpcli.attention.ROLES).
     attention: dict[str, dict[str, Format]] = field(default_factory=dict)
     attention_rows: str = "each"
+    # Per layer, the accumulator format of each GEMM (lpcli.accumulate.GEMMS; float32 where absent).
+    accumulators: dict[str, dict[str, Format]] = field(default_factory=dict)
+    accumulator_chunk: int | None = None
+
+    def gemm_formats(self) -> dict[str, GemmFormats]:
+        """The accumulators as the simulator takes them (None: torch's float32 sum)."""
+        return {name: GemmFormats(**{kind: None if isinstance(fmt, Float32) else fmt for kind, fmt in fmts.items()})
+                for name, fmts in self.accumulators.items()}
 
     def document(self) -> dict[str, Any]:
         optimizer: dict[str, Any] = {"kahan": self.kahan}
@@ -96,6 +111,8 @@ class Plan:
         }
         if self.attention:
             doc["attention_rows"] = self.attention_rows
+        if self.accumulators:
+            doc["accumulator_chunk"] = self.accumulator_chunk
         if self.reasons:
             doc["reasons"] = self.reasons
         if self.summary:
@@ -110,6 +127,8 @@ class Plan:
                 entry["parameters"] = list(self.parameters[name])
         if name in self.attention:
             entry["attention"] = {role: str(fmt) for role, fmt in self.attention[name].items()}
+        if name in self.accumulators:
+            entry["accumulator"] = {kind: str(fmt) for kind, fmt in self.accumulators[name].items()}
         return entry
 
     def with_fraction_bits(self, tensor: str, width: int) -> Plan:
@@ -161,13 +180,16 @@ def plan_from_document(doc: Any, source: str) -> Plan:
     layers: dict[str, dict[str, Format]] = {}
     parameters: dict[str, list[str] | None] = {}
     attention: dict[str, dict[str, Format]] = {}
+    accumulators: dict[str, dict[str, Format]] = {}
     for name, raw in layers_section.value.items():
-        entry = Fields(source, layers_section.sub(name), raw, TENSORS + ("parameters", "attention"))
+        entry = Fields(source, layers_section.sub(name), raw, TENSORS + ("parameters", "attention", "accumulator"))
+        if entry.has("accumulator"):
+            accumulators[str(name)] = _accumulators(entry.section("accumulator", GEMMS))
         if entry.has("attention"):
             section = entry.section("attention", ATTENTION_ROLES)
             attention[str(name)] = {role: section.format(role, "fp32") for role in ATTENTION_ROLES}
             if not any(entry.has(t) for t in TENSORS) and not entry.has("parameters"):
-                continue  # a module with attention and nothing else to plan
+                continue  # a module with attention and nothing else to plan (no weights: no GEMMs of its own)
         fmts = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None) for t in TENSORS}
         if not entry.has("compensation"):
             fmts["compensation"] = compensation_format(fmts["weight"])
@@ -198,6 +220,9 @@ def plan_from_document(doc: Any, source: str) -> Plan:
         tied=dict(tied),
         attention=attention,
         attention_rows=top.string("attention_rows", "each", choices=ATTENTION_ROWS),
+        accumulators=accumulators,
+        accumulator_chunk=top.integer("accumulator_chunk", low=1) if doc.get("accumulator_chunk") is not None
+        else None,
     )
     if plan.output_layer is not None:
         entry = plan.layers[plan.output_layer]
@@ -207,6 +232,15 @@ def plan_from_document(doc: Any, source: str) -> Plan:
                          f"layer's {tensor} is the softmax's; make them equal",
                          field=f"layers.{plan.output_layer}.{tensor}")
     return plan
+
+
+def _accumulators(section: Fields) -> dict[str, Format]:
+    fmts = {kind: section.format(kind, "fp32") for kind in GEMMS}
+    for kind, fmt in fmts.items():
+        if not isinstance(fmt, (FixedPoint, FloatFormat, Float32)):
+            section.fail(f"must be fixed point (fx<W>.<F>), a float format (e<E>m<M>) or fp32, got {fmt}",
+                         field=section.sub(kind))
+    return fmts
 
 
 def _names(fields: Fields, key: str) -> list[str]:

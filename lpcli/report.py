@@ -190,6 +190,7 @@ def render_check(report: CheckReport, console: Console, full: bool = False) -> N
     _render_diagnostics(report, console, full)
     _render_softmax(report, console)
     _render_attention(report, console)
+    _render_accumulators(report, console)
     if report.kept_fp32:
         console.print("left in float32 (not simulated):", highlight=False)
         for item in report.kept_fp32:
@@ -270,14 +271,24 @@ ATTENTION_COLUMNS = {"P flushed": "probs_flushed", "S sat": "input_saturated", "
                      "dS uf": "input_error_underflow"}
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _run_table(title: str, columns: tuple[str, ...], left: tuple[str, ...]) -> Table:
+    """A compact table of per-run cells: ``left`` columns left-aligned, the others right."""
+    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right", no_wrap=True)
+    return table
+
+
 def _render_attention(report: CheckReport, console: Console) -> None:
     if not report.attention:
         return
     lp_runs = report.low_precision_runs
-    table = Table(title=f"Attention per module, {' / '.join(lp_runs)}, in %", title_justify="left",
-                  caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("module", "keys", "P", *ATTENTION_COLUMNS):
-        table.add_column(col, justify="left" if col in ("module", "P") else "right", no_wrap=True)
+    table = _run_table(f"Attention per module, {' / '.join(lp_runs)}, in %",
+                       ("module", "keys", "P", *ATTENTION_COLUMNS), left=("module", "P"))
     for name, d in report.attention.items():
         keys = max((int(v) for v in d.get("keys", {}).values() if v), default=0)
         table.add_row(short_name(name, 18), str(keys or "-"), str(report.plan.attention[name]["probs"]),
@@ -285,6 +296,23 @@ def _render_attention(report: CheckReport, console: Console) -> None:
     table.caption = ("P: its format; P flushed: non-zero probabilities rounded to zero; S sat: softmax inputs "
                      "S - rowmax(S) saturated; uf: non-zero errors at P (dP) and at the softmax input (dS) rounded "
                      "to zero (the other formats: the plan)")
+    console.print(table)
+
+
+def _render_accumulators(report: CheckReport, console: Console) -> None:
+    if not report.accumulators:
+        return
+    lp_runs = report.low_precision_runs
+    table = _run_table(f"Accumulators per layer and GEMM, {' / '.join(lp_runs)}",
+                       ("layer", "GEMM", "format", "swamped", "overflow", "retained"), left=("layer", "GEMM", "format"))
+    for name, kinds in report.accumulators.items():
+        for i, (kind, d) in enumerate(kinds.items()):
+            table.add_row(short_name(name, 18) if i == 0 else "", kind, str(report.plan.accumulators[name][kind]),
+                          _pair(d.get("swamped", {}), lp_runs), _pair(d.get("overflow", {}), lp_runs),
+                          "/".join(_ratio(d.get("retention", {}).get(run)) for run in lp_runs))
+    table.caption = (f"chunks of {report.plan.accumulator_chunk or 'the whole'} terms; swamped: additions that "
+                     "changed nothing (%); overflow: additions that hit the range (%); retained: the variance of "
+                     "the sums over that of the exact sums")
     console.print(table)
 
 

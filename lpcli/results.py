@@ -174,6 +174,9 @@ class CheckReport:
     (the most keys a row had) and shares ``probs_flushed``, ``probs_saturated``,
     ``input_saturated``, ``input_underflow``, ``probs_error_underflow``,
     ``input_error_underflow`` (see :func:`lpcli.simulation.attention_diagnostics`).
+    ``accumulators[layer][gemm][key][run]``: per planned accumulator and GEMM kind, the
+    shares ``swamped`` and ``overflow`` of its additions and the variance ``retention``
+    ratio (see :func:`lpcli.simulation.accumulator_diagnostics`).
     """
 
     recipe: str
@@ -188,6 +191,7 @@ class CheckReport:
     verdict: Verdict
     seconds: dict[str, float] = field(default_factory=dict)
     attention: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    accumulators: dict[str, dict[str, dict[str, dict[str, float | None]]]] = field(default_factory=dict)
 
     @property
     def low_precision_runs(self) -> tuple[str, ...]:
@@ -204,6 +208,7 @@ class CheckReport:
             "diagnostics": self.diagnostics,
             "softmax": self.softmax,
             "attention": self.attention,
+            "accumulators": self.accumulators,
             "kept_fp32": list(self.kept_fp32),
             "verdict": self.verdict.document(),
             "timing": {"seconds": dict(self.seconds)},

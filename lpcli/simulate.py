@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accumulate import AccumulatorMode, GemmFormats, GemmTally
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, mode_around, simulated_softmax
 from .formats import (
@@ -66,7 +67,8 @@ COUNT_FIELDS = ("elements", "nonzero", "saturated", "underflow")
 # What the simulator never rounds, whatever the plan says: the hardware computes these in
 # formats lpcli does not model yet, and every report lists them as float32.
 NOT_SIMULATED = (
-    "matmul and convolution accumulators (products summed in float32)",
+    "accumulators of GEMMs other than a planned layer's F.linear and F.conv2d on its own weight (attention's "
+    "QK^T and P·V, RNN cells, matmuls in the model's own code; products summed in float32)",
     "the softmax's exp, sum and log (the output softmax's and attention's)",
     "values inside a planned module between its input and its output (an RNN's gates and state per step, "
     "a norm's mean and variance, MultiheadAttention's projected query, key and value and the P·V entering its "
@@ -423,7 +425,10 @@ class Simulator:
     pass each tied tensor under one layer only). ``attention`` maps a module's name to the
     formats of the attention it computes (:data:`lpcli.attention.ROLES`; a missing role is
     float32), ``attention_rows`` says how rounded rows of P enter P·V
-    (:data:`lpcli.attention.ROWS`). Call :meth:`remove` to detach.
+    (:data:`lpcli.attention.ROWS`). ``accumulators`` maps a layer's name to the
+    accumulators of its three GEMMs (:class:`lpcli.accumulate.GemmFormats`): its ``F.linear``
+    and ``F.conv2d`` on its own weights sum in them, in chunks of ``accumulator_chunk`` terms
+    (None: one sequential sum). Call :meth:`remove` to detach.
     """
 
     def __init__(
@@ -439,10 +444,12 @@ class Simulator:
         parameters: Mapping[str, list[torch.Tensor]] | None = None,
         attention: Mapping[str, Mapping[str, Format]] | None = None,
         attention_rows: str = "each",
+        accumulators: Mapping[str, GemmFormats] | None = None,
+        accumulator_chunk: int | None = None,
     ) -> None:
-        attention = attention or {}
+        attention, accumulators = attention or {}, accumulators or {}
         named = dict(model.named_modules())
-        modules = {name: named.get(module_name(name)) for name in (*layers, *attention)}
+        modules = {name: named.get(module_name(name)) for name in (*layers, *attention, *accumulators)}
         missing = [name for name, module in modules.items() if module is None]
         if missing:
             raise KeyError(f"model has no layer named {', '.join(map(repr, missing))}")
@@ -494,6 +501,12 @@ class Simulator:
             point = self.attention[name] = _AttentionPoint(self, formats, attention_rows == "renormalized")
             self._handles.extend(mode_around(modules[name], lambda softmax=point.softmax: AttentionMode(
                 lambda: softmax)))
+        self.gemm_tallies: dict[str, GemmTally] = {}
+        for name, gemms in accumulators.items():
+            tally = self.gemm_tallies[name] = GemmTally()
+            weights = list(modules[name].parameters(recurse=False))
+            self._handles.extend(mode_around(modules[name], lambda gemms=gemms, weights=weights, tally=tally: (
+                AccumulatorMode(weights, gemms, accumulator_chunk, lambda: tally if self.recording else None))))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy through the quantized softmax."""
@@ -533,6 +546,7 @@ class Simulator:
             "layers": layers,
             "attention": {name: {"keys": point.keys, **{role: c.as_dict() for role, c in point.counts.items()}}
                           for name, point in self.attention.items()},
+            "accumulators": {name: tally.as_dict() for name, tally in self.gemm_tallies.items()},
             "softmax_input": self.softmax_input_counts.as_dict(),
             "softmax_error": error,
             "non_target_flushed": (error["underflow"] - target_flushed) / counted if counted else None,
@@ -552,7 +566,8 @@ class Simulator:
 _EARLY_ERROR = 1 << 14  # elements: below, a hook costs more than the pass of the watch it saves
 # Autograd nodes (by class name) that keep their inputs but not their (first) output for
 # the backward pass: a layer output made by one of them can be rounded in place.
-_KEEP_NO_OUTPUT = frozenset({"AddmmBackward0", "MmBackward0", "ConvolutionBackward0", "NativeBatchNormBackward0"})
+_KEEP_NO_OUTPUT = frozenset({"AddmmBackward0", "MmBackward0", "ConvolutionBackward0", "NativeBatchNormBackward0",
+                             "_LinearBackward", "_Conv2dBackward"})  # the last two: lpcli.accumulate's
 
 
 def _output_hook(seen: set[str], point: _LayerPoint | None):

@@ -134,7 +134,8 @@ class Simulation:
             self.model, plan.layers, plan.softmax_input, plan.softmax_error, plan.output_layer,
             rounding=self.rounding, generator=self.generator, zero_sum_error=plan.softmax_error_rows == "zero-sum",
             parameters={name: [p for _, p in params] for name, params in self.groups.layers.items()},
-            attention=plan.attention, attention_rows=plan.attention_rows)
+            attention=plan.attention, attention_rows=plan.attention_rows,
+            accumulators=plan.gemm_formats(), accumulator_chunk=plan.accumulator_chunk)
         # Fused attention fast paths skip the submodules' hooks: off while simulating.
         self._fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
@@ -235,6 +236,8 @@ class Simulation:
         return {
             "layers": layers,
             "attention": {name: attention_diagnostics(values) for name, values in counts["attention"].items()},
+            "accumulators": {name: accumulator_diagnostics(values)
+                             for name, values in counts["accumulators"].items()},
             "softmax": {
                 "logits_saturated": shares(counts["softmax_input"])["saturated"],
                 "non_target_errors_flushed": counts["non_target_flushed"],
@@ -278,11 +281,28 @@ class Simulation:
             roles = [role for role, fmt in fmts.items() if isinstance(fmt, Float32)]
             if keys and roles:
                 out.append(f"attention in {name}: {', '.join(roles)}")
+        out.extend(self._accumulators_kept_fp32())
         if isinstance(self.plan.softmax_input, Float32):
             out.append("softmax input z - max(z)")
         if isinstance(self.plan.softmax_error, Float32):
             out.append("softmax error p - y")
         return out + list(NOT_SIMULATED)
+
+    def _accumulators_kept_fp32(self) -> list[str]:
+        """Planned layers whose GEMMs sum in float32: every GEMM of the layers without
+        accumulators (one line), the GEMM kinds a layer's accumulator leaves in fp32, and
+        layers whose accumulators were planned but saw no F.linear or F.conv2d run."""
+        plain = [name for name, params in self.groups.layers.items() if params and name not in self.plan.accumulators]
+        out = [f"accumulators of {_shorten_list(plain)}: every GEMM"] if plain else []
+        tallies = self.simulator.gemm_tallies if self.simulator is not None else {}
+        for name, fmts in self.plan.accumulators.items():
+            kinds = [kind for kind, fmt in fmts.items() if isinstance(fmt, Float32)]
+            if kinds:
+                out.append(f"accumulators of {name}: {', '.join(kinds)}")
+            tally = tallies.get(name)
+            if tally is not None and len(kinds) < len(fmts) and not tally.as_dict():
+                out.append(f"accumulators of {name}: planned, but no F.linear or F.conv2d on its weights ran")
+        return out
 
     def _held_roles(self, layer: str, seen: set[str]) -> set[str]:
         """The roles of ``layer`` that held a value in the runs so far: an input or output
@@ -317,6 +337,16 @@ def attention_diagnostics(counts: dict[str, Any]) -> dict[str, float | None]:
         "probs_error_underflow": shares(counts["probs_error"])["underflow"],
         "input_error_underflow": shares(counts["input_error"])["underflow"],
     }
+
+
+def accumulator_diagnostics(tally: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """One layer's accumulators over a run, per GEMM kind: the share of additions that
+    changed nothing (swamped) and that hit the format's range (overflow), and the variance
+    retention ratio (variance of the accumulated sums over that of the exact sums)."""
+    return {kind: {"swamped": c["swamped"] / c["additions"] if c["additions"] else None,
+                   "overflow": c["saturated"] / c["additions"] if c["additions"] else None,
+                   "retention": c["retention"]}
+            for kind, c in tally.items()}
 
 
 def _shorten_list(names: list[str], shown: int = 4) -> str:

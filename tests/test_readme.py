@@ -18,7 +18,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
         exec(compile(block, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "tensor([0.0000, 0.2500])" in printed
-    assert "(fp32 logits " in printed and "matmul and convolution accumulators" in printed
+    assert "(fp32 logits " in printed and "accumulators of 0, 2: every GEMM" in printed
     result = run_cli("recommend", "--stats", tmp_path / "stats.yaml", "--json")
     assert result.exit_code == 0, result.stderr
     plan = result.json()
