@@ -455,11 +455,61 @@ def _ones_first(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones(len(a), 1, dtype=a.dtype, device=a.device), a], dim=1)
 
 
+@dataclass(frozen=True)
+class GemmCall:
+    """One ``F.linear`` or ``F.conv2d`` call of a layer, its arguments normalized."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    geometry: ConvGeometry | None  # None: linear
+
+    def operands(self, kind: str, grad: torch.Tensor | None = None) -> list[Operands]:
+        """The GEMM ``kind``'s ``(a, b)``, one pair per group (``grad``: the error at the output)."""
+        if self.geometry is None:
+            return [linear_operands(kind, self.x, self.weight, self.bias, grad)]
+        unbatched = self.x.dim() == 3
+        x = self.x.unsqueeze(0) if unbatched else self.x
+        if grad is not None and unbatched:
+            grad = grad.unsqueeze(0)
+        return conv2d_operands(kind, x, self.weight, self.bias, self.geometry, grad)
+
+    def run(self, formats: GemmFormats, chunk: int | None, tally: GemmTally | None) -> torch.Tensor:
+        """The call with its GEMMs summed in ``formats``."""
+        if self.geometry is None:
+            return _Linear.apply(self.x, self.weight, self.bias, _Gemms(formats, chunk, tally))
+        unbatched = self.x.dim() == 3
+        y = _Conv2d.apply(self.x.unsqueeze(0) if unbatched else self.x, self.weight, self.bias, self.geometry,
+                          _Gemms(formats, chunk, tally))
+        return y.squeeze(0) if unbatched else y
+
+
+def gemm_call(func: Any, args: tuple, kwargs: dict, weights: set[int]) -> GemmCall | None:
+    """``func(*args, **kwargs)`` as a :class:`GemmCall` when it is ``F.linear`` or a 2-d
+    ``F.conv2d`` whose weight is one of ``weights`` (ids); None otherwise."""
+    if func is F.linear:
+        call = dict(zip(("input", "weight", "bias"), args, strict=False), **kwargs)
+        if id(call.get("weight")) in weights:
+            return GemmCall(call["input"], call["weight"], call.get("bias"), None)
+    elif func is F.conv2d:
+        call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, strict=False),
+                    **kwargs)
+        weight = call.get("weight")
+        if id(weight) in weights and call["input"].dim() in (3, 4):
+            kernel = (weight.shape[2], weight.shape[3])
+            dilation = _pairs(call.get("dilation", 1), "dilation")
+            geometry = ConvGeometry(_pairs(call.get("stride", 1), "stride"),
+                                    _conv_padding(call.get("padding", 0), kernel, dilation), dilation,
+                                    call.get("groups", 1))
+            return GemmCall(call["input"], weight, call.get("bias"), geometry)
+    return None
+
+
 class AccumulatorMode(TorchFunctionMode):
     """While active, ``F.linear`` and ``F.conv2d`` calls whose weight is one of ``weights``
-    (a planned layer's own parameters: not a child's, not a weight the layer borrows) go
-    through :func:`linear` and :func:`conv2d`; ``tally_for()`` says where their counts go
-    (None: not counted, as in an evaluation pass). Everything else runs as it is."""
+    (a planned layer's own parameters: not a child's, not a weight the layer borrows) sum
+    their GEMMs in ``formats``; ``tally_for()`` says where their counts go (None: not
+    counted, as in an evaluation pass). Everything else runs as it is."""
 
     def __init__(self, weights: Iterable[torch.Tensor], formats: GemmFormats, chunk: int | None,
                  tally_for: Callable[[], GemmTally | None]) -> None:
@@ -469,23 +519,7 @@ class AccumulatorMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear or func is F.conv2d:
-            call = dict(zip(_LINEAR_ARGS if func is F.linear else _CONV2D_ARGS, args, strict=False), **kwargs)
-            if id(call.get("weight")) in self.weights:
-                if func is F.linear:
-                    return linear(call["input"], call["weight"], call.get("bias"), self.formats, self.chunk,
-                                  self.tally_for())
-                return self._conv2d(**call)
+        call = gemm_call(func, args, kwargs, self.weights)
+        if call is not None:
+            return call.run(self.formats, self.chunk, self.tally_for())
         return func(*args, **kwargs)
-
-    def _conv2d(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
-        unbatched = input.dim() == 3
-        y = conv2d(input.unsqueeze(0) if unbatched else input, weight, bias, stride, padding, dilation, groups,
-                   self.formats, self.chunk, self.tally_for())
-        return y.squeeze(0) if unbatched else y
-
-
-_LINEAR_ARGS = ("input", "weight", "bias")
-_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-

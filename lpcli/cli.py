@@ -207,7 +207,8 @@ def analyze_command(
 
 
 def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", range_from: str = "p999",
-           widths: str | None = None, margin: int = 0) -> Rules:
+           widths: str | None = None, margin: int = 0, accumulators: bool = False,
+           accumulator_chunk: int = 32) -> Rules:
     parsed = None
     if widths is not None:
         try:
@@ -217,12 +218,20 @@ def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", ran
                              f"got {widths!r}") from None
     try:
         return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits, family=family, range_from=range_from,
-                     widths=parsed, margin=margin)
+                     widths=parsed, margin=margin, accumulators=accumulators,
+                     accumulator_chunk=accumulator_chunk or None)
     except RulesError as exc:
         raise InputError("command line", RULE_OPTIONS[exc.field], str(exc)) from None
 
 
-RULE_OPTIONS = {"family": "--family", "range_from": "--range", "widths": "--widths", "margin": "--margin"}
+RULE_OPTIONS = {"family": "--family", "range_from": "--range", "widths": "--widths", "margin": "--margin",
+                "accumulator_chunk": "--accumulator-chunk"}
+AccumulatorsOpt = Annotated[bool, typer.Option("--accumulators", help="Also plan the accumulator of each layer's "
+                                               "three GEMMs (forward, input gradient, weight gradient) from how "
+                                               "their sums grow; train-check then sums in them (slow: every "
+                                               "addition is rounded).")]
+ChunkOpt = Annotated[int, typer.Option(min=0, help="--accumulators: terms per partial sum before the partial sums "
+                                       "are added (0: one sequential sum).")]
 
 
 def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,
@@ -262,6 +271,8 @@ def recommend_command(
                                                "rounded up to one (fixed point keeps its integer bits).",
                                                show_default=False)] = None,
     max_bits: Annotated[int, typer.Option(min=2, max=24, help="Widest format to recommend.")] = 24,
+    accumulators: AccumulatorsOpt = False,
+    accumulator_chunk: ChunkOpt = 32,
     verify: Annotated[bool, typer.Option("--verify", help="Then train-check the plan and, while the Kahan run "
                                          "is outside the tolerance, widen what the diagnostics blame and retry "
                                          "(needs a recipe).")] = False,
@@ -284,7 +295,7 @@ def recommend_command(
     if verify and recipe is None and stats is not None:
         raise InputError("command line", "--verify", "needs a recipe to train (a stats file alone cannot be "
                          "checked): give RECIPE too")
-    rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin)
+    rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin, accumulators, accumulator_chunk)
     used: dict[str, Any] = {}
     plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used, quiet=quiet)
     if not verify:
@@ -357,6 +368,8 @@ def train_check_command(
                                               show_default=False)] = None,
     stochastic: Annotated[bool, typer.Option("--stochastic", help="Add a fourth run: plain low-precision SGD "
                                              "with stochastic rounding of the weight update.")] = False,
+    accumulators: AccumulatorsOpt = False,
+    accumulator_chunk: ChunkOpt = 32,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also draw PNG figures into this directory: loss "
                                               "curves, per-layer diagnostics, plan widths (needs matplotlib: "
                                               "pip install 'lpcli[plot]').", show_default=False)] = None,
@@ -374,6 +387,9 @@ def train_check_command(
     evidence would). Exit 2 is bad input.
     """
     check_output(output)
+    if plan_path is not None and accumulators:
+        raise InputError("command line", "--accumulators", "plans accumulators when no --plan is given; with a "
+                         "plan file, put them in the plan (recommend --accumulators)")
     from .check import train_check
 
     if plot is not None:
@@ -385,7 +401,8 @@ def train_check_command(
     if plan_path is not None:
         plan = plan_from_document(read_document(plan_path), str(plan_path))
     else:
-        plan, _ = _plan(recipe, None, Rules(), seed, not as_json, device=device, quiet=quiet or not main)
+        rules = Rules(accumulators=accumulators, accumulator_chunk=accumulator_chunk or None)
+        plan, _ = _plan(recipe, None, rules, seed, not as_json, device=device, quiet=quiet or not main)
         plan = Plan(**{**plan.__dict__, "reasons": {}})
     for tensor, width in (("weight", weight_bits), ("activation", activation_bits), ("error", error_bits),
                           ("weight_grad", grad_bits)):

@@ -59,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .accumulate import GEMMS
 from .attention import ROLES as ATTENTION_ROLES
 from .errors import InputError
 from .formats import MAX_FIXED_WIDTH, FixedPoint, Float32, FloatFormat, Format
@@ -91,6 +92,10 @@ class Rules:
     attention_probs_man: int = 2  # attention P float: mantissa bits
     attention_input_frac: int = 2  # attention S - rowmax(S) fixed point: fraction bits (a step of 2^-F nats)
     attention_input_man: int = 2  # attention S - rowmax(S) float: mantissa bits
+    accumulators: bool = False  # also plan each layer's GEMM accumulators (from the stats' gemms)
+    accumulator_chunk: int | None = 32  # terms per partial sum (None: one sequential sum)
+    accumulator_guard_bits: int = 2  # bits each addend keeps below the running sum's resolution
+    accumulator_range_bits: int = 2  # accumulator range: doublings beyond the headroom (an overflow spoils a sum)
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
     family: str = "fixed"  # "fixed" (fx<W>.<F>) or "float" (e<E>m<M>fn)
@@ -110,6 +115,8 @@ class Rules:
                 raise RulesError("widths", f"no width in {list(self.widths)} is at most max_bits {self.max_bits}")
         if self.margin < 0:
             raise RulesError("margin", f"margin must be >= 0, got {self.margin}")
+        if self.accumulator_chunk is not None and self.accumulator_chunk < 1:
+            raise RulesError("accumulator_chunk", f"accumulator_chunk must be >= 1, got {self.accumulator_chunk}")
 
     @property
     def allowed_widths(self) -> tuple[int, ...] | None:
@@ -441,6 +448,85 @@ def recommend_attention(entry: dict[str, Any], rules: Rules) -> tuple[dict[str, 
     return formats, reasons
 
 
+def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
+                       result_max: float = 0.0) -> tuple[Format, str]:
+    """The accumulator of one GEMM kind of one layer, from how its sums grow (the stats'
+    ``gemms``: the rms ``a`` of the non-zero products, and per length ``L`` the rms of the
+    sum of ``L`` terms and the largest running sum up to ``L``), summed in chunks of
+    ``chunk`` terms (``lpcli.accumulate``). ``result_max``: the largest sum the layer's stats
+    saw in full (its output for the forward GEMM, its weight gradient), beyond the sample.
+
+    An addition rounds to the running sum's resolution; an addend far below it is swamped.
+    Sakr et al. ("Accumulation Bit-Width Scaling for Ultra-Low Precision Training of Deep
+    Networks", ICLR 2019) show that the variance a float accumulator retains collapses once
+    the mantissa is too short for the sum's growth over its addends, which for independent
+    addends is ``1/2 log2 n``, and that chunking splits that growth. lpcli's rule (its own)
+    takes the growth measured in the stats instead of assuming independent addends:
+
+    * float: mantissa bits = ``ceil(log2(S / a))`` + ``accumulator_guard_bits`` for the
+      largest of two stages, the products against the largest running sum of a chunk and
+      (with chunks) the chunk sums' rms against the largest running sum overall; the
+      exponent holds that running sum (+ headroom) and resolves ``a / 2^guard``;
+    * fixed point: the range holds the largest running sum (+ headroom); the step is
+      ``a / 2^guard`` whatever the length (a fixed-point addition's error is absolute).
+
+    The guard of 2 bits leaves each addend's rounding error at most 1/8 of its rms. The
+    range takes ``accumulator_range_bits`` doublings beyond the headroom: the running sums
+    are sampled (their tail is seen in part), they grow as the weights grow in training,
+    and a running sum that overflows spoils its whole output (on digits-cnn, float
+    accumulators sized on the sample alone overflowed in 2-6% of the forward additions and
+    training collapsed).
+    """
+    terms, lengths = growth["terms"], growth["lengths"]
+    addend, top = growth["addend_rms"], max(growth["partial_max"][-1], result_max)
+    if addend <= 0 or top <= 0:
+        return Float32(), "no non-zero products seen in the analyzed steps: left in float32"
+    c = terms if chunk is None or chunk >= terms or chunk == 1 else chunk  # chunks of 1: one sequential sum
+
+    def at(series: str, length: int) -> float:  # at the first recorded length >= length
+        return growth[series][next(i for i, n in enumerate(lengths) if n >= length)]
+
+    guard, headroom = rules.accumulator_guard_bits, rules.headroom_bits + rules.accumulator_range_bits
+    split = "one sequential sum" if c == terms else f"chunks of {c}"
+    if rules.family == "fixed":
+        integer = range_bits(top, headroom)
+        frac = math.ceil(-math.log2(addend)) + guard
+        fmt, note = _fixed(integer, frac, replace(rules, margin=0, widths=None, max_bits=MAX_FIXED_WIDTH))
+        return fmt, (f"{terms} terms, {split}: range |running sum| up to {top:.3g} (+{headroom} bit); step at most "
+                     f"the products' rms {addend:.3g} / 2^{guard} (an absolute error per addition: the same for any "
+                     f"length){note}")
+    within = "a chunk's running sum" if c < terms else "the running sum"
+    stages = [(addend, at("partial_max", c), f"the products (rms {addend:.3g}) against {within} "
+                                             f"(up to {at('partial_max', c):.3g})")]
+    if c < terms:
+        stages.append((at("sum_rms", c), top, f"the chunk sums (rms {at('sum_rms', c):.3g}) against the total's "
+                                              f"running sum (up to {top:.3g})"))
+    small, big, what = max(stages, key=lambda stage: stage[1] / stage[0])
+    growth_bits = max(0, math.ceil(math.log2(big / small)))
+    man = min(23, growth_bits + guard)
+    exp = next((e for e in range(2, 9) if _float(e, man).max_value >= top * 2.0 ** headroom
+                and _float(e, man).step <= addend * 2.0 ** -guard), 8)
+    return _float(exp, man), (f"{terms} terms, {split}: mantissa {growth_bits} bits for the growth of {what}, "
+                              f"+{guard} guard bits (after Sakr et al., ICLR 2019); exponent holds {top:.3g} "
+                              f"(+{headroom} bit) and steps of {addend * 2.0 ** -guard:.3g}")
+
+
+def recommend_accumulators(gemms: dict[str, Any], layer: dict[str, Any], rules: Rules) -> tuple[
+        dict[str, Format], dict[str, str]]:
+    """Formats and reasons for one layer's three GEMM accumulators (``gemms``: their stats;
+    ``layer``: the layer's, whose output and weight gradient are two of the sums)."""
+    formats: dict[str, Format] = {}
+    reasons: dict[str, str] = {}
+    results = {"forward": layer.get("activation") or {}, "weight_grad": layer.get("weight_grad") or {}}
+    for kind in GEMMS:
+        if gemms.get(kind):
+            result_max = results.get(kind, {}).get("absmax", 0.0)
+            formats[kind], reasons[kind] = accumulator_format(gemms[kind], rules.accumulator_chunk, rules, result_max)
+        else:
+            formats[kind], reasons[kind] = Float32(), "this GEMM was not seen in the analyzed steps: float32"
+    return formats, reasons
+
+
 def _float(exp: int, man: int) -> FloatFormat:
     """``e<E>m<M>fn`` (saturating) below 8 exponent bits, IEEE-style ``e8m<M>`` at 8."""
     return FloatFormat(exp, man, finite=exp < 8)
@@ -695,9 +781,19 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
     for name, entry in (stats.get("attention") or {}).items():
         attention[name], why = recommend_attention(entry, rules)
         reasons.setdefault(name, {})["attention"] = why
+    accumulators: dict[str, dict[str, Format]] = {}
+    if rules.accumulators:
+        if not stats.get("gemms"):
+            raise InputError(source, "gemms", "the stats have no GEMM statistics to size accumulators from: analyze "
+                             "again with this lpcli (the GEMMs of F.linear and F.conv2d layers are recorded)")
+        for name, gemms in stats["gemms"].items():
+            if name in layers:
+                accumulators[name], why = recommend_accumulators(gemms, stats["layers"].get(name, {}), rules)
+                reasons[name]["accumulator"] = why
     plan = Plan(layers=layers, softmax_input=softmax_input, softmax_error=softmax_error, kahan=rules.kahan,
                 classes=classes, output_layer=output_layer, reasons=reasons, parameters=parameters,
-                tied=dict(stats.get("tied") or {}), attention=attention)
+                tied=dict(stats.get("tied") or {}), attention=attention, accumulators=accumulators,
+                accumulator_chunk=rules.accumulator_chunk)
     return replace(plan, summary=summarize(plan, stats))
 
 

@@ -126,6 +126,10 @@ def render_plan(plan: Plan, console: Console, full: bool = False) -> None:
     for name, fmts in plan.attention.items():
         formats = ", ".join(f"{role} {fmt}" for role, fmt in fmts.items())
         console.print(f"attention in {name}: {formats}", highlight=False)
+    if plan.accumulators:
+        console.print(f"accumulators (chunks of {plan.accumulator_chunk or 'the whole'} terms):", highlight=False)
+        for name, fmts in plan.accumulators.items():
+            console.print(f"  {name}: {', '.join(f'{kind} {fmt}' for kind, fmt in fmts.items())}", highlight=False)
     if full or len(plan.layers) <= 4:
         _render_reasons(plan, console)
     else:
@@ -147,6 +151,10 @@ def _render_reasons(plan: Plan, console: Console) -> None:
         whys = plan.reasons.get(name, {}).get("attention", {})
         for i, (role, fmt) in enumerate(fmts.items()):
             reasons.add_row(short_name(name) if i == 0 else "", f"attention {role}", str(fmt), whys.get(role, ""))
+    for name, fmts in plan.accumulators.items():
+        whys = plan.reasons.get(name, {}).get("accumulator", {})
+        for i, (kind, fmt) in enumerate(fmts.items()):
+            reasons.add_row(short_name(name) if i == 0 else "", f"accumulator {kind}", str(fmt), whys.get(kind, ""))
     console.print(reasons)
 
 

@@ -33,6 +33,14 @@ The stats schema is public, so a stats file made by a user's own loop (see
         probs: {...}               # P (unmasked entries)
         input_error: {...}         # dS, the error at the softmax input
         probs_error: {...}         # dP, the error arriving at P
+    gemms:                         # how the sums inside each layer's F.linear / F.conv2d grow
+      "0":                         #   (on its own weights; sampled every few steps)
+        forward:                   # also input_grad and weight_grad (lpcli.accumulate.GEMMS)
+          terms: 65                # the reduction length (the bias is a term)
+          addend_rms: 0.03         # rms of the non-zero products
+          lengths: [1, 2, 4, .., 64, 65]   # partial sums of the first L terms:
+          sum_rms: [...]           #   their rms,
+          partial_max: [...]       #   the largest |running sum| up to L
 
 A layer is every module that registers a trainable parameter itself (``"(root)"`` for
 the model's own). A summary is ``{}`` when nothing was seen (an integer input, a
@@ -54,7 +62,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from .accumulate import GEMMS, gemm_call
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, ModuleStack, Softmax, mode_around
 from .data import Dataset, batch_indices, load_data
@@ -140,6 +150,93 @@ class TensorSummary:
 STATE_KEYS = {"momentum": ("momentum_buffer", "exp_avg"), "variance": ("exp_avg_sq",)}
 
 
+GEMM_EVERY = 5  # steps between recordings of the GEMMs' sums
+GEMM_PRODUCTS = 1 << 20  # products sampled per GEMM and recording (float64)
+
+
+class GemmGrowth:
+    """How one kind of a layer's GEMM sums grow (see the module docstring): from a sample
+    of output elements, every product and running sum, in the order the accumulator adds
+    them (``lpcli.accumulate``), in float64."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.terms = 0
+        self.addend_square = self.addends = 0.0
+        self.products = 0
+        self.square: dict[int, float] = {}  # length -> sum of squared partial sums
+        self.count: dict[int, int] = {}
+        self.largest: dict[int, float] = {}
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        k = a.shape[1]
+        budget = max(1, GEMM_PRODUCTS // max(k, 1))
+        rows = min(a.shape[0], max(1, math.isqrt(budget)))
+        cols = min(b.shape[1], max(1, budget // rows))
+        pick_rows = torch.randperm(a.shape[0], generator=self.generator)[:rows]
+        pick_cols = torch.randperm(b.shape[1], generator=self.generator)[:cols]
+        products = a.detach()[pick_rows].double().cpu().unsqueeze(2) * b.detach()[:, pick_cols].double().cpu()
+        nonzero = products != 0
+        self.addends += float(nonzero.sum())
+        self.addend_square += float((products * products).sum())
+        self.products += products.numel()
+        partial = products.cumsum(dim=1)
+        running = partial.abs().cummax(dim=1).values
+        self.terms = max(self.terms, k)
+        for length in _lengths(k):
+            at = partial[:, length - 1]
+            self.square[length] = self.square.get(length, 0.0) + float((at * at).sum())
+            self.count[length] = self.count.get(length, 0) + at.numel()
+            self.largest[length] = max(self.largest.get(length, 0.0), float(running[:, length - 1].max()))
+
+    def result(self) -> dict[str, Any]:
+        if not self.products:
+            return {}
+        lengths = sorted(self.square)
+        return {"terms": self.terms,
+                "addend_rms": math.sqrt(self.addend_square / self.addends) if self.addends else 0.0,
+                "lengths": lengths,
+                "sum_rms": [math.sqrt(self.square[n] / self.count[n]) for n in lengths],
+                "partial_max": [self.largest[n] for n in lengths]}
+
+
+def _lengths(k: int) -> list[int]:
+    """1, 2, 4, ... below ``k``, and ``k``."""
+    return [1 << j for j in range(max(k - 1, 0).bit_length()) if 1 << j < k] + [k]
+
+
+class _GemmWatch(TorchFunctionMode):
+    """Records the GEMMs of one layer's ``F.linear`` / ``F.conv2d`` on its own weights, on
+    the steps ``due()`` says, into ``growth[kind]``."""
+
+    def __init__(self, weights: set[int], growth: dict[str, GemmGrowth], due: Callable[[], bool]) -> None:
+        super().__init__()
+        self.weights, self.growth, self.due = weights, growth, due
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not (torch.is_grad_enabled() and self.due()):
+            return out
+        call = gemm_call(func, args, kwargs, self.weights)
+        if call is None:
+            return out
+        with torch.no_grad():
+            for a, b in call.operands("forward"):
+                self.growth["forward"].add(a, b)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._backward(call, grad))
+        return out
+
+    def _backward(self, call: Any, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            if call.x.requires_grad:
+                for a, b in call.operands("input_grad", grad):
+                    self.growth["input_grad"].add(a, b)
+            for a, b in call.operands("weight_grad", grad):
+                self.growth["weight_grad"].add(a, b)
+
+
 def _state_tensor(optimizer: torch.optim.Optimizer, p: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor | None:
     state = optimizer.state.get(p, {})
     return next((state[k] for k in keys if isinstance(state.get(k), torch.Tensor)), None)
@@ -201,6 +298,12 @@ class StatsCollector:
         self._stack = ModuleStack(model)
         self._softmaxes: dict[str, Softmax] = {}
         self._handles.extend(mode_around(model, lambda: AttentionMode(self._attention_softmax)))
+        # The sums inside each layer's GEMMs, every GEMM_EVERY steps (the first included).
+        self.gemms = {name: {kind: GemmGrowth(generator) for kind in GEMMS} for name in names}
+        for name, module in self.layers.items():
+            weights = {id(p) for p in module.parameters(recurse=False)}
+            self._handles.extend(mode_around(module, lambda weights=weights, growth=self.gemms[name]: _GemmWatch(
+                weights, growth, lambda: self.steps % GEMM_EVERY == 0)))
 
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -339,6 +442,8 @@ class StatsCollector:
             "attention": {name: {"module": self.attention_modules[name], "keys": self.attention_keys.get(name, 0),
                                  **{role: summary.result() for role, summary in summaries.items()}}
                           for name, summaries in self.attention.items()},
+            "gemms": {name: {kind: growth.result() for kind, growth in kinds.items() if growth.result()}
+                      for name, kinds in self.gemms.items() if any(g.products for g in kinds.values())},
         }
 
     def save(self, path: str, classes: int, output_layer: str | None = None) -> None:
@@ -431,7 +536,7 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
     """Check a stats document (possibly produced elsewhere) before recommend uses it."""
     doc = check_header(doc, source, "stats")
     top = Fields(source, "", doc, ("lpcli", "source", "classes", "output_layer", "training", "layers", "tied",
-                                   "attention"))
+                                   "attention", "gemms"))
     top.integer("classes", low=2)
     if doc.get("output_layer") is not None and not isinstance(doc["output_layer"], str):
         top.fail("must be a layer name (string) or null", field="output_layer")
@@ -459,7 +564,32 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
         entry.integer("keys", low=1)
         for role in ATTENTION_ROLES:
             _check_summary(entry, role, raw, required=False)
+    gemms = top.section("gemms")
+    if gemms.value is not None and not isinstance(gemms.value, dict):
+        top.fail("must map layer names to GEMM statistics", field="gemms")
+    for name, raw in (gemms.value or {}).items():
+        layer = Fields(source, gemms.sub(name), raw, GEMMS)
+        for kind in GEMMS:
+            if layer.has(kind):
+                _check_growth(layer.section(kind, ("terms", "addend_rms", "lengths", "sum_rms", "partial_max")))
     return doc
+
+
+def _check_growth(growth: Fields) -> None:
+    """One GEMM kind's growth: lengths rising from 1 to ``terms``, and a non-negative
+    rms and largest partial sum at each."""
+    terms = growth.integer("terms", low=1)
+    growth.number("addend_rms", low=0.0)
+    lengths = growth.value.get("lengths")
+    if (not isinstance(lengths, list) or not lengths or not all(isinstance(n, int) and not isinstance(n, bool)
+                                                                  for n in lengths)
+            or lengths != sorted(set(lengths)) or lengths[0] < 1 or lengths[-1] != terms):
+        growth.fail(f"must be rising integers from 1 to terms ({terms})", field=growth.sub("lengths"))
+    for key in ("sum_rms", "partial_max"):
+        values = growth.value.get(key)
+        if not isinstance(values, list) or len(values) != len(lengths) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+            growth.fail(f"must be {len(lengths)} non-negative numbers, one per length", field=growth.sub(key))
 
 
 def _check_summary(fields: Fields, kind: str, raw: dict[str, Any], required: bool) -> None:

@@ -4,16 +4,22 @@ sums), what they did is counted per GEMM, and what stays float32 is listed."""
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from lpcli.accumulate import GemmFormats, conv2d, linear
 from lpcli.errors import InputError
-from lpcli.formats import FixedPoint, FloatFormat
+from lpcli.formats import FixedPoint, Float32, FloatFormat
 from lpcli.plan import plan_from_document
+from lpcli.recommend import Rules, accumulator_format
 from lpcli.simulation import Simulation
+from lpcli.stats import StatsCollector
 
 FP32_ROLES = {"weight": "fp32", "activation": "fp32", "error": "fp32", "weight_grad": "fp32"}
 FORMATS = {"forward": "e5m3", "input_grad": "fx10.4", "weight_grad": "e4m2"}
@@ -135,3 +141,134 @@ def test_bad_accumulators_name_the_field(accumulator, chunk, field, message):
     with pytest.raises(InputError) as info:
         _plan({"0": {**FP32_ROLES, "accumulator": accumulator}}, chunk=chunk)
     assert field in str(info.value) and message in str(info.value)
+
+
+def test_analyze_records_how_each_gemms_sums_grow():
+    """The stats' growth of a linear layer's three GEMMs against the sums written out here
+    (every output sampled: the layer is small), in the accumulator's order: bias first."""
+    torch.manual_seed(3)
+    layer = nn.Linear(5, 3)
+    model = nn.Sequential(nn.Linear(4, 5), layer)
+    collector = StatsCollector(model, lr=0.1)
+    x = torch.randn(6, 4)
+    hidden = model[0](x).detach()
+    out = model(x)
+    grad = torch.randn(6, 3)
+    out.backward(grad)
+    collector.step()
+    gemms = collector.document(classes=3)["gemms"]["1"]
+    collector.remove()
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    h, g = hidden.double(), grad.double()
+    terms = {  # per output element, its products in order
+        "forward": [[b[n]] + [h[m, k] * w[n, k] for k in range(5)] for m in range(6) for n in range(3)],
+        "input_grad": [[g[m, n] * w[n, k] for n in range(3)] for m in range(6) for k in range(5)],
+        "weight_grad": [[g[m, n] for m in range(6)] if k < 0 else [g[m, n] * h[m, k] for m in range(6)]
+                        for n in range(3) for k in range(-1, 5)],
+    }
+    for kind, sums in terms.items():
+        products = torch.tensor([[float(p) for p in row] for row in sums], dtype=torch.float64)
+        partial = products.cumsum(dim=1)
+        growth = gemms[kind]
+        assert growth["terms"] == products.shape[1]
+        assert growth["lengths"] == {6: [1, 2, 4, 6], 3: [1, 2, 3]}[products.shape[1]]
+        nonzero = products[products != 0]
+        assert growth["addend_rms"] == pytest.approx(float(nonzero.pow(2).mean().sqrt()), rel=1e-12)
+        for i, length in enumerate(growth["lengths"]):
+            at = partial[:, length - 1]
+            assert growth["sum_rms"][i] == pytest.approx(float(at.pow(2).mean().sqrt()), rel=1e-12)
+            assert growth["partial_max"][i] == pytest.approx(float(partial[:, :length].abs().max()), rel=1e-12)
+    assert "0" in collector.document(classes=3)["gemms"]  # the first layer's forward and weight gradient
+    assert "input_grad" not in collector.document(classes=3)["gemms"]["0"]  # x needs no gradient
+
+
+def _growth(terms=256, addend=2.0 ** -6, peak=4.0):
+    lengths = [1 << j for j in range(9)]
+    return {"terms": terms, "addend_rms": addend, "lengths": lengths,
+            "sum_rms": [addend * n ** 0.5 for n in lengths], "partial_max": [peak * addend * n ** 0.5 for n in lengths]}
+
+
+def test_the_accumulator_rule_follows_the_documented_formula():
+    """256 terms, products of rms 2^-6 whose running sums reach 4 x 2^-6 x sqrt(L): the
+    largest running sum is 1. Fixed point: range 1 with 1 + 2 bits of headroom (5 integer
+    bits), step 2^-6 / 2^2 (8 fraction bits). Float, one sequential sum: the sum grows
+    2^6 over the products, +2 guard bits: 8 mantissa bits; e3 holds 1 x 2^3 (e2 does not)
+    and steps of 2^-10. In chunks of 16: both stages grow 2^4: 6 mantissa bits."""
+    growth = _growth()
+    assert str(accumulator_format(growth, None, Rules())[0]) == "fx13.8"
+    assert str(accumulator_format(growth, 16, Rules())[0]) == "fx13.8"  # fixed point: any length
+    assert str(accumulator_format(growth, None, Rules(family="float"))[0]) == "e3m8fn"
+    assert str(accumulator_format(growth, 1, Rules(family="float"))[0]) == "e3m8fn"  # chunks of 1: sequential
+    fmt, why = accumulator_format(growth, 16, Rules(family="float"))
+    assert str(fmt) == "e3m6fn" and "chunks of 16" in why and "Sakr" in why
+    # A sum the layer's stats saw larger than the sample's widens the range, not the step.
+    assert str(accumulator_format(growth, None, Rules(), result_max=8.0)[0]) == "fx16.8"
+    assert accumulator_format(_growth(addend=0.0), None, Rules())[0] == Float32()
+
+
+def test_analyze_recommend_train_check_with_accumulators_through_the_cli(tmp_path, cli, monkeypatch):
+    """A model written here (an import path): its stats carry each layer's GEMMs, the plan
+    an accumulator per GEMM with reasons, and the report the accumulators' diagnostics."""
+    (tmp_path / "acc_model.py").write_text(MODEL_FILE)
+    recipe = tmp_path / "acc.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"import": "acc_model:make"}, "data": {"name": "digits"},
+        "training": {"lr": 0.05, "batch_size": 32, "steps": 40, "analyze_steps": 10, "seed": 0}}))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    stats, plan = tmp_path / "stats.yaml", tmp_path / "plan.yaml"
+    assert cli("analyze", recipe, "-o", stats).exit_code == 0
+    assert set(yaml.safe_load(stats.read_text())["gemms"]) == {"conv", "head"}
+    result = cli("recommend", recipe, "--stats", stats, "--accumulators", "--accumulator-chunk", "0", "-o", plan)
+    assert result.exit_code == 0, result.stderr
+    doc = yaml.safe_load(plan.read_text())
+    assert doc["accumulator_chunk"] is None
+    assert set(doc["layers"]["head"]["accumulator"]) == {"forward", "input_grad", "weight_grad"}
+    assert "one sequential sum" in doc["reasons"]["head"]["accumulator"]["forward"]
+    result = cli("train-check", recipe, "--plan", plan, "--json", "--quiet")
+    assert result.exit_code in (0, 1, 3), result.stderr
+    report = result.json()
+    head = report["accumulators"]["head"]
+    assert set(head) == {"forward", "input_grad", "weight_grad"}
+    for values in head.values():
+        assert set(values) == {"swamped", "overflow", "retention"}
+        assert 0.0 <= values["swamped"]["kahan"] <= 1.0 and values["retention"]["kahan"] > 0
+    text = cli("train-check", recipe, "--accumulators", "--steps", "5", "--quiet")
+    assert text.exit_code in (0, 1, 3) and "Accumulators per layer and GEMM" in text.stdout
+
+
+def test_accumulators_need_gemm_statistics_and_a_plan_of_their_own(tmp_path, cli):
+    stats = tmp_path / "stats.yaml"
+    assert cli("analyze", "digits-mlp", "--steps", "2", "-o", stats).exit_code == 0
+    doc = yaml.safe_load(stats.read_text())
+    del doc["gemms"]
+    stats.write_text(yaml.safe_dump(doc))
+    result = cli("recommend", "--stats", stats, "--accumulators")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "gemms" in result.stderr
+    result = cli("train-check", "digits-mlp", "--plan", stats, "--accumulators")
+    assert result.exit_code == 2 and "--accumulators" in result.stderr
+    doc["gemms"] = {"0": {"forward": {"terms": 4, "addend_rms": 0.1, "lengths": [1, 2, 3], "sum_rms": [1, 1, 1],
+                                      "partial_max": [1, 1, 1]}}}
+    stats.write_text(yaml.safe_dump(doc))
+    result = cli("recommend", "--stats", stats, "--accumulators")
+    assert result.exit_code == 2 and "gemms.0.forward.lengths" in result.stderr
+
+
+MODEL_FILE = textwrap.dedent('''
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 16, 10)
+
+        def forward(self, x):
+            x = x.reshape(-1, 1, 8, 8)
+            x = nn.functional.max_pool2d(self.conv(x).relu(), 2)
+            return self.head(x.flatten(1))
+
+
+    def make():
+        return Net()
+''')
