@@ -1,7 +1,7 @@
 """What the simulation costs: one training step of train-check's fp32, plain and Kahan runs.
 
     PYTHONPATH=. python benchmarks/overhead.py [RECIPE ...] [--rounds 60] [--warmup 10] [--threads N]
-        [--profile plain|kahan] [--seed 0]
+        [--profile plain|kahan] [--seed 0] [--accumulators 32 1]
 
 For each recipe (default: digits-mlp, digits-cnn, fashion-cnn, fashion-resnet, vit-fashion) the model,
 data, batches and plan come from the functions ``lpcli train-check`` uses (``prepare_run``,
@@ -21,8 +21,13 @@ dataset-fashion-mnist``) is skipped with the reason. ``--threads`` sets torch's 
 count (default: torch's own). ``--profile RUN`` also prints torch.profiler's table of
 that run's step (self CPU time per operator, over ``--rounds`` steps).
 
+``--accumulators C ...`` adds, per chunk size C, a Kahan run whose plan also has every
+layer's GEMM accumulators (``recommend --accumulators --accumulator-chunk C``; C = 0: one
+sequential sum), stepped in the same rounds, and a second table of their step times.
+
 Targets: simulated Kahan step <= 1.3x fp32 on fashion-cnn and fashion-resnet, <= 2x on
-digits-mlp (issue 14) and on vit-fashion, whose attention is simulated too (issue 15).
+digits-mlp (issue 14) and on vit-fashion, whose attention is simulated too (issue 15); with
+accumulators in chunks of 32, <= 10x on fashion-cnn at one thread (issue 16).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from lpcli.formats import kernel_backend
 from lpcli.models import run_model
 from lpcli.plan import Plan
 from lpcli.recipe import Recipe, load_recipe
-from lpcli.recommend import recommend
+from lpcli.recommend import Rules, recommend
 from lpcli.results import LOSS_EVERY
 from lpcli.simulate import NonFiniteWatch
 from lpcli.simulation import Simulation
@@ -57,6 +62,7 @@ from lpcli.training import rule_arguments, torch_optimizer
 RECIPES = ("digits-mlp", "digits-cnn", "fashion-cnn", "fashion-resnet", "vit-fashion")
 RUNS = ("fp32", "plain", "kahan")
 TARGETS = {"digits-mlp": 2.0, "fashion-cnn": 1.3, "fashion-resnet": 1.3, "vit-fashion": 2.0}  # Kahan / fp32
+ACCUMULATOR_TARGETS = {("fashion-cnn", 32): 10.0}  # Kahan with accumulators / fp32
 
 
 @dataclass
@@ -114,6 +120,10 @@ def make_run(name: str, recipe: Recipe, plan: Plan, model: torch.nn.Module, data
     return Run(name, step, close)
 
 
+def accumulator_run(chunk: int) -> str:
+    return f"acc c={chunk}" if chunk else "acc seq"
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, list[float]] | None:
     try:
         recipe = load_recipe(name)
@@ -122,15 +132,22 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, list[float]] | Non
     except InputError as exc:
         print(f"{name}: skipped ({exc})")
         return None
-    plan = recommend(analyze(recipe, seed=seed, data=data), precision=recipe.precision, source=recipe.source)
+    stats = analyze(recipe, seed=seed, data=data)
+    plan = recommend(stats, precision=recipe.precision, source=recipe.source)
     steps = args.warmup + args.rounds
     batches = batch_indices(len(data.y_train), recipe.training.batch_size, steps, seed)
     initial = copy.deepcopy(model.state_dict())
+    plans = [(run, run, plan) for run in RUNS]
+    for chunk in args.accumulators:
+        rules = Rules(accumulators=True, accumulator_chunk=chunk or None)
+        plans.append((accumulator_run(chunk), "kahan", recommend(stats, rules, recipe.precision,
+                                                                 source=recipe.source)))
     runs = []
-    for run in RUNS:
+    for label, run, run_plan in plans:
         copy_ = copy.deepcopy(model)
         copy_.load_state_dict(initial)
-        runs.append(make_run(run, recipe, plan, copy_, data, seed, world, steps))
+        made = make_run(run, recipe, run_plan, copy_, data, seed, world, steps)
+        runs.append(Run(label, made.step, made.close))
     times: dict[str, list[float]] = {run.name: [] for run in runs}
     try:
         for i, index in enumerate(batches):
@@ -169,6 +186,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", choices=("fp32", "plain", "kahan"), default=None)
+    parser.add_argument("--accumulators", nargs="*", type=int, default=[], metavar="CHUNK",
+                        help="also Kahan runs with accumulators in chunks of CHUNK terms (0: sequential)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -193,6 +212,20 @@ def main() -> None:
             f"<= {target:g}: {'met' if mins['kahan'] / mins['fp32'] <= target else 'missed'}")
         print(f"{name:>15} | {cells[0]:>16} | {cells[1]:>16} | {cells[2]:>16} | {ratios[0]:>11} | {ratios[1]:>11} | "
               f"{verdict}")
+    if args.accumulators:
+        header = (f"{'recipe':>15} | {'accumulators':>12} | {'kahan+acc ms min/med':>20} | {'/fp32 min/med':>13} | "
+                  "target")
+        print("\n" + header + "\n" + "-" * len(header))
+        for name, times in rows:
+            fp32_min, fp32_med = min(times["fp32"]), statistics.median(times["fp32"])
+            for chunk in args.accumulators:
+                t = times[accumulator_run(chunk)]
+                ratio = min(t) / fp32_min
+                target = ACCUMULATOR_TARGETS.get((name, chunk))
+                verdict = "" if target is None else f"<= {target:g}: {'met' if ratio <= target else 'missed'}"
+                med = statistics.median(t)
+                print(f"{name:>15} | {accumulator_run(chunk):>12} | {min(t) * 1e3:9.1f}/{med * 1e3:<10.1f} | "
+                      f"{ratio:5.2f}/{med / fp32_med:<7.2f} | {verdict}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class Rules:
     attention_input_man: int = 2  # attention S - rowmax(S) float: mantissa bits
     accumulators: bool = False  # also plan each layer's GEMM accumulators (from the stats' gemms)
     accumulator_chunk: int | None = 32  # terms per partial sum (None: one sequential sum)
-    accumulator_guard_bits: int = 2  # bits each addend keeps below the running sum's resolution
+    accumulator_guard_bits: int = 1  # resolution bits beyond the addends' rms (fixed) or the sum's growth (float)
     accumulator_range_bits: int = 2  # accumulator range: doublings beyond the headroom (an overflow spoils a sum)
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
@@ -459,23 +459,27 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
     An addition rounds to the running sum's resolution; an addend far below it is swamped.
     Sakr et al. ("Accumulation Bit-Width Scaling for Ultra-Low Precision Training of Deep
     Networks", ICLR 2019) show that the variance a float accumulator retains collapses once
-    the mantissa is too short for the sum's growth over its addends, which for independent
-    addends is ``1/2 log2 n``, and that chunking splits that growth. lpcli's rule (its own)
-    takes the growth measured in the stats instead of assuming independent addends:
+    the mantissa is too short for the growth of the sum's spread over its addends' (for
+    independent addends ``1/2 log2 n`` bits), and that chunking splits that growth. lpcli's
+    rule (its own) takes the growth measured in the stats instead of assuming independent
+    addends, and calibrates its one constant against ``benchmarks/accumulator_sweep.py``:
 
-    * float: mantissa bits = ``ceil(log2(S / a))`` + ``accumulator_guard_bits`` for the
-      largest of two stages, the products against the largest running sum of a chunk and
-      (with chunks) the chunk sums' rms against the largest running sum overall; the
-      exponent holds that running sum (+ headroom) and resolves ``a / 2^guard``;
+    * float: mantissa bits = ``ceil(log2(growth))`` + ``accumulator_guard_bits``, the growth
+      being the larger of two stages' spread ratios: the rms of a chunk's sum over the
+      products' rms ``a``, and (with chunks) the rms of the whole sum over the chunk sums'
+      rms; the exponent holds the largest running sum (+ headroom) and resolves
+      ``a / 2^guard``;
     * fixed point: the range holds the largest running sum (+ headroom); the step is
       ``a / 2^guard`` whatever the length (a fixed-point addition's error is absolute).
 
-    The guard of 2 bits leaves each addend's rounding error at most 1/8 of its rms. The
-    range takes ``accumulator_range_bits`` doublings beyond the headroom: the running sums
-    are sampled (their tail is seen in part), they grow as the weights grow in training,
-    and a running sum that overflows spoils its whole output (on digits-cnn, float
-    accumulators sized on the sample alone overflowed in 2-6% of the forward additions and
-    training collapsed).
+    With a guard of 1 bit each addend is rounded to about its rms over 2: the accumulation
+    noise is unbiased and below the spread of the sum. On digits-cnn the empirical
+    thresholds (3 seeds, fixed point) lay 1 to 3 bits below a guard of 2; the README has
+    the sweep. The range takes ``accumulator_range_bits`` doublings beyond the headroom:
+    the running sums are sampled (their tail is seen in part), they grow as the weights
+    grow in training, and a running sum that overflows spoils its whole output (on
+    digits-cnn, float accumulators sized on the sample alone overflowed in 2-6% of the
+    forward additions and training collapsed).
     """
     terms, lengths = growth["terms"], growth["lengths"]
     addend, top = growth["addend_rms"], max(growth["partial_max"][-1], result_max)
@@ -492,23 +496,23 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
         integer = range_bits(top, headroom)
         frac = math.ceil(-math.log2(addend)) + guard
         fmt, note = _fixed(integer, frac, replace(rules, margin=0, widths=None, max_bits=MAX_FIXED_WIDTH))
-        return fmt, (f"{terms} terms, {split}: range |running sum| up to {top:.3g} (+{headroom} bit); step at most "
+        return fmt, (f"{terms} terms, {split}: range |running sum| up to {top:.3g} (+{headroom} bits); step at most "
                      f"the products' rms {addend:.3g} / 2^{guard} (an absolute error per addition: the same for any "
                      f"length){note}")
-    within = "a chunk's running sum" if c < terms else "the running sum"
-    stages = [(addend, at("partial_max", c), f"the products (rms {addend:.3g}) against {within} "
-                                             f"(up to {at('partial_max', c):.3g})")]
+    within = f"a chunk's sum (rms {at('sum_rms', c):.3g})" if c < terms else f"the sum (rms {at('sum_rms', c):.3g})"
+    stages = [(addend, at("sum_rms", c), f"the products (rms {addend:.3g}) to {within}")]
     if c < terms:
-        stages.append((at("sum_rms", c), top, f"the chunk sums (rms {at('sum_rms', c):.3g}) against the total's "
-                                              f"running sum (up to {top:.3g})"))
+        whole = at("sum_rms", terms)
+        stages.append((at("sum_rms", c), whole,
+                       f"the chunk sums (rms {at('sum_rms', c):.3g}) to the whole sum (rms {whole:.3g})"))
     small, big, what = max(stages, key=lambda stage: stage[1] / stage[0])
     growth_bits = max(0, math.ceil(math.log2(big / small)))
     man = min(23, growth_bits + guard)
     exp = next((e for e in range(2, 9) if _float(e, man).max_value >= top * 2.0 ** headroom
                 and _float(e, man).step <= addend * 2.0 ** -guard), 8)
-    return _float(exp, man), (f"{terms} terms, {split}: mantissa {growth_bits} bits for the growth of {what}, "
-                              f"+{guard} guard bits (after Sakr et al., ICLR 2019); exponent holds {top:.3g} "
-                              f"(+{headroom} bit) and steps of {addend * 2.0 ** -guard:.3g}")
+    return _float(exp, man), (f"{terms} terms, {split}: mantissa {growth_bits} bits for the growth from {what}, "
+                              f"+{guard} guard bit(s) (after Sakr et al., ICLR 2019); exponent holds {top:.3g} "
+                              f"(+{headroom} bits) and steps of {addend * 2.0 ** -guard:.3g}")
 
 
 def recommend_accumulators(gemms: dict[str, Any], layer: dict[str, Any], rules: Rules) -> tuple[
