@@ -900,6 +900,453 @@ MULTIVERSION static void accumulate_rows(const AccFormat *f, const float *a, con
     *saturated += sat;
 }
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define ACC_FAST 1
+/* The fast kernel: accumulate_rows' results and counts, bit for bit, with AVX2 and FMA (a
+ * product of two float32 is exact in float64, so fma(a, b, s) is s + p rounded once).
+ *
+ * - Rounding by a constant: with c = 1.5 * 2^52 * step, (x + c) - c is x rounded to nearest
+ *   even on the multiples of step where |x| < 2^51 step (beyond, it is beyond the range too:
+ *   caught there). A TwoSum pair h + l is rounded once by rounding it to odd at 53 bits first
+ *   (h truncated toward zero where l points that way, then its last bit set where l != 0):
+ *   a grid at least 4x coarser rounds that as it would h + l itself. A zero takes h's sign,
+ *   as nearbyint gives it in acc_add (which gives +0 where h is exactly -step/2 and l > 0:
+ *   possible only where s is off the grid, in a chunk's first addition).
+ * - Fixed point: the running sum s is on the grid, so s + c is exact and fma(a, b, s + c) - c
+ *   is s + p rounded once, without TwoSum.
+ * - Floats: c from h's binade. Where s is on the grid, Fast2Sum is exact if |s| >= |p| or s is
+ *   a multiple of ulp(p), as every value of the format is while |p| < 2^(emin - man + 53);
+ *   where that bound is above twice the range, a larger p overflows the sum anyway (fp16,
+ *   e5m7, e4m3; not bf16): there Fast2Sum replaces TwoSum.
+ * - Tiles of 8 rows x 8 columns (the last rows one by one): b's row is loaded once for 8 rows
+ *   and 16 independent sums are in flight. The range is checked once per chunk, conservatively,
+ *   from each lane's largest |sum| (fixed point) or binade (floats), compared on the high
+ *   32 bits of their patterns: a chunk that came near the top of the range is summed again
+ *   with careful additions, which saturate or overflow as acc_add does.
+ * - Swamped additions from each chunk's third term on are counted as q == s, zero products
+ *   included (s is on the grid there, so q == s when p == 0); those zero products are counted
+ *   from a's and b's zeros and taken off (acc_transpose, accumulate_run).
+ * - Finite operands: rows of a holding inf or NaN go to accumulate_rows, and all of a where b
+ *   holds one. */
+#define FAST static inline __attribute__((always_inline, target("avx2,fma")))
+#define UNROLL _Pragma("GCC unroll 16")
+#define EXPONENT_BITS 0x7ff0000000000000LL
+
+typedef struct {
+    const AccFormat *f;
+    const float *a, *b;
+    int64_t K, N, chunk, chunk_given; /* chunk: 2..K (chunk 1 is the same sum as chunk K) */
+    double magic;          /* fixed point: 1.5 * 2^52 * step */
+    int64_t magic_offset;  /* float: bits(1.5 * 2^(52 - man) * 2^e) - bits(2^e) */
+    double half;           /* fixed point: step / 2; float: 2^-(man + 1), times 2^e */
+    double min_binade;     /* float: 2^emin */
+    int64_t top;           /* a tracked pattern at or above this may have left the range */
+    int fast2sum;          /* float: Fast2Sum is exact where s is on the grid (see above) */
+    const int64_t *weight; /* K: for a chunk's third term or later N - (b's zeros in row k), else 0 */
+    int64_t b_zeros;       /* b's zeros in those rows */
+    double *at;            /* 8K doubles: a tile's rows of a */
+    int32_t *za;           /* K: their zeros */
+    double *work;          /* 2N doubles, for accumulate_rows */
+    int64_t swamped, saturated;
+} AccJob;
+
+FAST __m256d sign_of(__m256d x) { return _mm256_and_pd(x, _mm256_set1_pd(-0.0)); }
+
+FAST __m256i max_u32(__m256i x, __m256d y) { return _mm256_max_epu32(x, _mm256_castpd_si256(y)); }
+
+/* h + l (h = s + a * b rounded, l its error) rounded once with the constant c (see above). */
+FAST __m256d round_pair(__m256d h, __m256d l, __m256d c) {
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256i toward_zero = _mm256_castpd_si256(_mm256_cmp_pd(h * l, zero, _CMP_LT_OQ)); /* -1 */
+    const __m256i sticky = _mm256_srli_epi64(_mm256_castpd_si256(_mm256_cmp_pd(l, zero, _CMP_NEQ_OQ)), 63);
+    const __m256d odd =
+        _mm256_castsi256_pd(_mm256_or_si256(_mm256_add_epi64(_mm256_castpd_si256(h), toward_zero), sticky));
+    return _mm256_or_pd((odd + c) - c, sign_of(h));
+}
+
+/* TwoSum of s and a * b: h and its error l (Fast2Sum where fast2sum: see above). */
+FAST __m256d two_sum(__m256d s, __m256d a, __m256d b, __m256d *l, int fast2sum) {
+    const __m256d h = _mm256_fmadd_pd(a, b, s), z = h - s;
+    *l = _mm256_fmsub_pd(a, b, z);
+    if (!fast2sum) *l += s - (h - z);
+    return h;
+}
+
+/* acc_add's +0 where h == -step/2 and l > 0 (its tie rule takes floor(-0.5) + 1). */
+FAST __m256d tie_zero(__m256d r, __m256d h, __m256d l, __m256d neg_half) {
+    const __m256d edge = _mm256_and_pd(_mm256_cmp_pd(h, neg_half, _CMP_EQ_OQ),
+                                       _mm256_cmp_pd(l, _mm256_setzero_pd(), _CMP_GT_OQ));
+    return _mm256_andnot_pd(sign_of(edge), r);
+}
+
+/* The kinds of addition: s on the grid and the result in range (the bulk of a chunk, a total plus
+ * a chunk sum); s anywhere, the result in range (a chunk's first addition); anything, as acc_add
+ * (careful: saturation, overflow, a total already at +-inf). */
+enum { ON_GRID = 0, ANYWHERE = 1, CAREFUL = 2 };
+
+/* acc_add on 4 lanes: s + a * b rounded once onto the accumulator's grid, for the kind of addition
+ * (saturated or overflowed only where careful, counted in *saturated). Tracked in *top: |result|
+ * (fixed point) or the binade of s + a * b (floats). */
+FAST __m256d add4(const AccJob *j, __m256d s, __m256d a, __m256d b, __m256i *top, __m256i *saturated, int kind,
+                  int is_float, int fast2sum) {
+    __m256d q, l, h, neg_half;
+    if (!is_float && kind == ON_GRID) {
+        const __m256d c = _mm256_set1_pd(j->magic);
+        h = _mm256_fmadd_pd(a, b, s);
+        q = _mm256_or_pd(_mm256_fmadd_pd(a, b, s + c) - c, sign_of(h));
+    } else if (!is_float) {
+        h = two_sum(s, a, b, &l, 0);
+        q = round_pair(h, l, _mm256_set1_pd(j->magic));
+        neg_half = _mm256_set1_pd(-j->half);
+    } else {
+        h = two_sum(s, a, b, &l, kind == ON_GRID && fast2sum);
+        const __m256d binade = _mm256_castsi256_pd( /* 2^e: |h| in [2^e, 2^(e+1)), e >= emin */
+            max_u32(_mm256_and_si256(_mm256_castpd_si256(h), _mm256_set1_epi64x(EXPONENT_BITS)),
+                    _mm256_set1_pd(j->min_binade)));
+        *top = max_u32(*top, binade);
+        const __m256d c = _mm256_castsi256_pd( /* times 1.5 * 2^(52 - man), on the exponent field */
+            _mm256_add_epi64(_mm256_castpd_si256(binade), _mm256_set1_epi64x(j->magic_offset)));
+        q = round_pair(h, l, c);
+        neg_half = -(binade * _mm256_set1_pd(j->half));
+    }
+    if (kind != ON_GRID) q = tie_zero(q, h, l, neg_half);
+    if (kind == CAREFUL) { /* beyond the range: saturated, or +-inf; where s was +-inf, h is kept */
+        const __m256d lo = _mm256_set1_pd(j->f->lo), hi = _mm256_set1_pd(j->f->hi), zero = _mm256_setzero_pd();
+        const __m256d over = _mm256_or_pd(_mm256_cmp_pd(q, hi, _CMP_GT_OQ), _mm256_cmp_pd(q, lo, _CMP_LT_OQ));
+        const __m256d finite = _mm256_cmp_pd(h - h, zero, _CMP_EQ_OQ);
+        const __m256d clipped = j->f->to_inf ? _mm256_or_pd(_mm256_set1_pd(INFINITY), sign_of(q))
+                                             : _mm256_blendv_pd(lo, hi, _mm256_cmp_pd(q, zero, _CMP_GT_OQ));
+        q = _mm256_blendv_pd(h, _mm256_blendv_pd(q, clipped, over), finite);
+        *saturated = _mm256_sub_epi64(*saturated, _mm256_castpd_si256(_mm256_and_pd(over, finite)));
+    }
+    if (!is_float) *top = max_u32(*top, _mm256_andnot_pd(_mm256_set1_pd(-0.0), q));
+    return q;
+}
+
+FAST int64_t sum_lanes(__m256i x) {
+    const __m128i y = _mm_add_epi64(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    return _mm_cvtsi128_si64(y) + _mm_extract_epi64(y, 1);
+}
+
+/* Whether a tracked pattern reached j->top (compared on the high 32 bits). */
+FAST int near_top(const AccJob *j, const __m256i top[2], int V) {
+    const __m256i limit = _mm256_set1_epi64x(j->top);
+    __m256i reached = _mm256_setzero_si256();
+    UNROLL for (int v = 0; v < V; ++v)
+        reached = _mm256_or_si256(reached, _mm256_cmpeq_epi32(_mm256_max_epu32(top[v], limit), top[v]));
+    return (_mm256_movemask_ps(_mm256_castsi256_ps(reached)) & 0xaa) != 0;
+}
+
+/* The lanes of a tile's vectors that hold columns (the rest: padding) and the masks of their floats. */
+FAST void tile_lanes(int64_t width, __m256i lanes[2], __m128i load_mask[2]) {
+    UNROLL for (int v = 0; v < 2; ++v) {
+        load_mask[v] = _mm_cmpgt_epi32(_mm_set1_epi32((int)(width - 4 * v)), _mm_setr_epi32(0, 1, 2, 3));
+        lanes[v] = _mm256_cmpgt_epi64(_mm256_set1_epi64x(width - 4 * v), _mm256_setr_epi64x(0, 1, 2, 3));
+    }
+}
+
+/* b's row k, columns 4v .. 4v + 3 as doubles; the last vector masked: it may end the row. */
+FAST __m256d load_b(const float *b, int64_t k, int64_t N, int v, int V, const __m128i load_mask[2]) {
+    const float *p = b + k * N + 4 * v;
+    return _mm256_cvtps_pd(v == V - 1 ? _mm_maskload_ps(p, load_mask[v]) : _mm_loadu_ps(p));
+}
+
+/* The slow paths of a tile (acc_tile), with every addition careful, as acc_add makes it. The
+ * chunk [j0, end): its sums into s (R x 2 vectors), counted; whether they came near the top. */
+__attribute__((noinline, target("avx2,fma"))) static int careful_chunk(AccJob *j, const double *at, const float *b,
+                                                                       int64_t width, int64_t j0, int64_t end, int R,
+                                                                       int V, __m256d *s, int is_float) {
+    const __m256d zero = _mm256_setzero_pd();
+    __m256i lanes[2];
+    __m128i masks[2];
+    tile_lanes(width, lanes, masks);
+    __m256i swamped[2], saturated[2], top[2];
+    for (int v = 0; v < V; ++v) {
+        swamped[v] = saturated[v] = top[v] = _mm256_setzero_si256();
+        const __m256d bk = load_b(b, j0, j->N, v, V, masks);
+        for (int r = 0; r < R; ++r) s[2 * r + v] = _mm256_broadcast_sd(at + j0 * R + r) * bk;
+    }
+    for (int64_t k = j0 + 1; k < end; ++k)
+        for (int v = 0; v < V; ++v) {
+            const __m256d bk = load_b(b, k, j->N, v, V, masks);
+            for (int r = 0; r < R; ++r) {
+                const __m256d ak = _mm256_broadcast_sd(at + k * R + r), sv = s[2 * r + v];
+                const __m256d q = add4(j, sv, ak, bk, &top[v], &saturated[v], CAREFUL, is_float, 0);
+                __m256d same = _mm256_cmp_pd(q, sv, _CMP_EQ_OQ);
+                if (k == j0 + 1) same = _mm256_and_pd(same, _mm256_cmp_pd(ak * bk, zero, _CMP_NEQ_OQ));
+                swamped[v] = _mm256_sub_epi64(swamped[v], _mm256_castpd_si256(same));
+                s[2 * r + v] = q;
+            }
+        }
+    for (int v = 0; v < V; ++v) {
+        j->swamped += sum_lanes(_mm256_and_si256(swamped[v], lanes[v]));
+        j->saturated += sum_lanes(_mm256_and_si256(saturated[v], lanes[v]));
+    }
+    return near_top(j, top, V);
+}
+
+/* ... and total + chunk sum s (R x 2 vectors each), counted. */
+__attribute__((noinline, target("avx2,fma"))) static void careful_totals(AccJob *j, int64_t width, int R, int V,
+                                                                         __m256d *total, const __m256d *s,
+                                                                         int is_float) {
+    __m256i lanes[2], top = _mm256_setzero_si256();
+    __m128i masks[2];
+    tile_lanes(width, lanes, masks);
+    for (int v = 0; v < V; ++v) {
+        __m256i swamped = _mm256_setzero_si256(), saturated = _mm256_setzero_si256();
+        for (int r = 0; r < R; ++r) {
+            const __m256d t = total[2 * r + v], sv = s[2 * r + v];
+            const __m256d q = add4(j, t, sv, _mm256_set1_pd(1.0), &top, &saturated, CAREFUL, is_float, 0);
+            const __m256d same = _mm256_and_pd(_mm256_cmp_pd(q, t, _CMP_EQ_OQ),
+                                               _mm256_cmp_pd(sv, _mm256_setzero_pd(), _CMP_NEQ_OQ));
+            swamped = _mm256_sub_epi64(swamped, _mm256_castpd_si256(same));
+            total[2 * r + v] = q;
+        }
+        j->swamped += sum_lanes(_mm256_and_si256(swamped, lanes[v]));
+        j->saturated += sum_lanes(_mm256_and_si256(saturated, lanes[v]));
+    }
+}
+
+/* Columns col0 .. col0 + width - 1 (width <= 4V) of rows row0 .. row0 + R - 1; at: those rows'
+ * a as doubles, k-major (at[k * R + r]). A chunk whose sums came near the top of the range is
+ * summed again with careful additions, and so are the next chunks while they do. */
+FAST void acc_tile(AccJob *j, const double *at, int64_t row0, int64_t col0, int64_t width, float *out, const int R,
+                   const int V, const int is_float, const int fast2sum) {
+    const int64_t K = j->K, N = j->N, chunk = j->chunk;
+    const float *b = j->b + col0;
+    const __m256d zero = _mm256_setzero_pd(), lo = _mm256_set1_pd(j->f->lo), hi = _mm256_set1_pd(j->f->hi);
+    /* arrays of the largest sizes (8 x 2): constant sizes, so that they are kept in registers */
+    __m128i load_mask[2]; /* the last vector's lanes beyond width are padding (zeros) */
+    __m256i lanes[2];
+    tile_lanes(width, lanes, load_mask);
+#define ADD(s, a, b, kind) add4(j, s, a, b, &top[v], &saturated[v], kind, is_float, fast2sum)
+#define EACH UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v)
+    __m256d s[8][2], total[8][2], bk[2], spill[16], spill_total[16];
+    EACH total[r][v] = zero; /* set by the first chunk */
+    int careful = 0;
+    for (int64_t j0 = 0; j0 < K; j0 += chunk) {
+        const int64_t end = j0 + chunk < K ? j0 + chunk : K;
+        __m256i swamped[2], saturated[2], top[2];
+        if (!careful) {
+            UNROLL for (int v = 0; v < V; ++v) {
+                swamped[v] = saturated[v] = top[v] = _mm256_setzero_si256();
+                bk[v] = load_b(b, j0, N, v, V, load_mask);
+            }
+            EACH s[r][v] = _mm256_broadcast_sd(at + j0 * R + r) * bk[v];
+            if (end - j0 > 1) { /* the first addition: s is off the grid */
+                UNROLL for (int v = 0; v < V; ++v) bk[v] = load_b(b, j0 + 1, N, v, V, load_mask);
+                UNROLL for (int r = 0; r < R; ++r) {
+                    const __m256d ak = _mm256_broadcast_sd(at + (j0 + 1) * R + r);
+                    UNROLL for (int v = 0; v < V; ++v) {
+                        const __m256d q = ADD(s[r][v], ak, bk[v], ANYWHERE);
+                        const __m256d same = _mm256_and_pd(_mm256_cmp_pd(q, s[r][v], _CMP_EQ_OQ),
+                                                           _mm256_cmp_pd(ak * bk[v], zero, _CMP_NEQ_OQ));
+                        swamped[v] = _mm256_sub_epi64(swamped[v], _mm256_castpd_si256(same));
+                        s[r][v] = q;
+                    }
+                }
+            }
+            for (int64_t k = j0 + 2; k < end; ++k) { /* the bulk: s on the grid */
+                UNROLL for (int v = 0; v < V; ++v) bk[v] = load_b(b, k, N, v, V, load_mask);
+                UNROLL for (int r = 0; r < R; ++r) {
+                    const __m256d ak = _mm256_broadcast_sd(at + k * R + r);
+                    UNROLL for (int v = 0; v < V; ++v) {
+                        const __m256d q = ADD(s[r][v], ak, bk[v], ON_GRID);
+                        const __m256d same = _mm256_cmp_pd(q, s[r][v], _CMP_EQ_OQ);
+                        swamped[v] = _mm256_sub_epi64(swamped[v], _mm256_castpd_si256(same));
+                        s[r][v] = q;
+                    }
+                }
+            }
+            careful = near_top(j, top, V);
+            if (!careful)
+                UNROLL for (int v = 0; v < V; ++v) j->swamped += sum_lanes(_mm256_and_si256(swamped[v], lanes[v]));
+        }
+        if (careful) { /* this chunk (again) with careful additions, and the next while it comes near the top */
+            careful = careful_chunk(j, at, b, width, j0, end, R, V, spill, is_float);
+            EACH s[r][v] = spill[2 * r + v];
+        }
+        if (j0 == 0) {
+            EACH total[r][v] = s[r][v];
+            continue;
+        }
+        /* total + chunk sum (total on the grid, or saturated, or +-inf): careful where out of range */
+        __m256d in_range = _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), q[8][2];
+        UNROLL for (int v = 0; v < V; ++v) swamped[v] = _mm256_setzero_si256();
+        EACH {
+            q[r][v] = ADD(total[r][v], s[r][v], _mm256_set1_pd(1.0), ON_GRID);
+            in_range = _mm256_and_pd(in_range, _mm256_and_pd(_mm256_cmp_pd(q[r][v], lo, _CMP_GE_OQ),
+                                                             _mm256_cmp_pd(q[r][v], hi, _CMP_LE_OQ)));
+            const __m256d same = _mm256_and_pd(_mm256_cmp_pd(q[r][v], total[r][v], _CMP_EQ_OQ),
+                                               _mm256_cmp_pd(s[r][v], zero, _CMP_NEQ_OQ));
+            swamped[v] = _mm256_sub_epi64(swamped[v], _mm256_castpd_si256(same));
+        }
+        if (_mm256_movemask_pd(in_range) == 0xf) {
+            UNROLL for (int v = 0; v < V; ++v) j->swamped += sum_lanes(_mm256_and_si256(swamped[v], lanes[v]));
+            EACH total[r][v] = q[r][v];
+        } else {
+            EACH {
+                spill[2 * r + v] = s[r][v];
+                spill_total[2 * r + v] = total[r][v];
+            }
+            careful_totals(j, width, R, V, spill_total, spill, is_float);
+            EACH total[r][v] = spill_total[2 * r + v];
+        }
+    }
+#undef EACH
+#undef ADD
+    UNROLL for (int r = 0; r < R; ++r) UNROLL for (int v = 0; v < V; ++v) {
+        float *o = out + (row0 + r) * N + col0 + 4 * v;
+        const __m128 x = _mm256_cvtpd_ps(total[r][v]);
+        if (v == V - 1)
+            _mm_maskstore_ps(o, load_mask[v], x);
+        else
+            _mm_storeu_ps(o, x);
+    }
+}
+
+#define ACC_TILES(is_float, fast2sum)                                                                      \
+    if (R == 8)                                                                                            \
+        width > 4 ? acc_tile(j, at, row0, col0, width, out, 8, 2, is_float, fast2sum)                      \
+                  : acc_tile(j, at, row0, col0, width, out, 8, 1, is_float, fast2sum);                     \
+    else                                                                                                   \
+        width > 4 ? acc_tile(j, at, row0, col0, width, out, 1, 2, is_float, fast2sum)                      \
+                  : acc_tile(j, at, row0, col0, width, out, 1, 1, is_float, fast2sum);
+
+/* R rows of a (row stride K) into at as doubles, k-major (at[k * R + r]), and their zeros per k
+ * into za; returns whether they hold inf or NaN. */
+__attribute__((target("avx2"))) static int acc_transpose(const float *a, int64_t K, int R, double *at, int32_t *za) {
+    int64_t k = 0;
+    __m128i top = _mm_setzero_si128(); /* the largest |a| pattern */
+    if (R % 4 == 0) {
+        const __m128i abs_bits = _mm_set1_epi32(0x7fffffff);
+        for (; k + 4 <= K; k += 4) for (int g = 0; g < R; g += 4) {
+            const float *ag = a + g * K;
+            double *atg = at + g;
+            __m128 x0 = _mm_loadu_ps(ag + k), x1 = _mm_loadu_ps(ag + K + k), x2 = _mm_loadu_ps(ag + 2 * K + k),
+                   x3 = _mm_loadu_ps(ag + 3 * K + k);
+            const __m128 zero = _mm_setzero_ps();
+            __m128i zeros = _mm_add_epi32(_mm_add_epi32(_mm_castps_si128(_mm_cmpeq_ps(x0, zero)),
+                                                        _mm_castps_si128(_mm_cmpeq_ps(x1, zero))),
+                                          _mm_add_epi32(_mm_castps_si128(_mm_cmpeq_ps(x2, zero)),
+                                                        _mm_castps_si128(_mm_cmpeq_ps(x3, zero))));
+            const __m128i counted = g ? _mm_loadu_si128((const __m128i *)(za + k)) : _mm_setzero_si128();
+            _mm_storeu_si128((__m128i *)(za + k), _mm_sub_epi32(counted, zeros));
+            top = _mm_max_epu32(top, _mm_and_si128(_mm_castps_si128(x0), abs_bits));
+            top = _mm_max_epu32(top, _mm_and_si128(_mm_castps_si128(x1), abs_bits));
+            top = _mm_max_epu32(top, _mm_and_si128(_mm_castps_si128(x2), abs_bits));
+            top = _mm_max_epu32(top, _mm_and_si128(_mm_castps_si128(x3), abs_bits));
+            _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+            _mm256_storeu_pd(atg + R * k, _mm256_cvtps_pd(x0));
+            _mm256_storeu_pd(atg + R * (k + 1), _mm256_cvtps_pd(x1));
+            _mm256_storeu_pd(atg + R * (k + 2), _mm256_cvtps_pd(x2));
+            _mm256_storeu_pd(atg + R * (k + 3), _mm256_cvtps_pd(x3));
+        }
+    }
+    uint32_t top_bits = 0;
+    for (; k < K; ++k) {
+        za[k] = 0;
+        for (int r = 0; r < R; ++r) {
+            const float x = a[r * K + k];
+            const uint32_t bits = bits_of(x) & 0x7fffffffU;
+            at[k * R + r] = x;
+            za[k] += x == 0;
+            top_bits = bits > top_bits ? bits : top_bits;
+        }
+    }
+    top = _mm_max_epu32(top, _mm_set1_epi32((int)top_bits));
+    return _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(_mm_max_epu32(top, _mm_set1_epi32(0x7f800000)), top))) != 0;
+}
+
+/* rows x K (a) @ K x N (b) into out, as accumulate_rows, K >= 2, finite b. */
+__attribute__((target("avx2,fma"))) static void accumulate_fast(AccJob *j, float *out, int64_t rows) {
+    const int64_t K = j->K, N = j->N;
+    double *at = j->at;
+    for (int64_t row0 = 0; row0 < rows;) {
+        const int R = rows - row0 >= 8 ? 8 : 1; /* the last rows one by one */
+        if (acc_transpose(j->a + row0 * K, K, R, at, j->za)) {
+            accumulate_rows(j->f, j->a + row0 * K, j->b, out + row0 * N, R, K, N, j->chunk_given, j->work, &j->swamped,
+                            &j->saturated);
+            row0 += R;
+            continue;
+        }
+        for (int64_t col0 = 0; col0 < N; col0 += 8) {
+            const int64_t width = N - col0 < 8 ? N - col0 : 8;
+            if (!j->f->is_float) {
+                ACC_TILES(0, 0)
+            } else if (j->fast2sum) {
+                ACC_TILES(1, 1)
+            } else {
+                ACC_TILES(1, 0)
+            }
+        }
+        int64_t zeros = R * j->b_zeros; /* the bulk's zero products in these rows */
+        for (int64_t k = 0; k < K; ++k) zeros += j->za[k] * j->weight[k];
+        j->swamped -= zeros;
+        row0 += R;
+    }
+}
+#endif
+
+/* accumulate_rows, or the fast kernel where it applies: 0, or -1 where memory ran out. */
+static int accumulate_run(const AccFormat *f, const float *a, const float *b, float *out, int64_t rows, int64_t K,
+                          int64_t N, int64_t chunk, int64_t *swamped, int64_t *saturated) {
+    double *work = malloc(sizeof(double) * 2 * (size_t)(N > 0 ? N : 1));
+    if (!work) return -1;
+#ifdef ACC_FAST
+    const double range = f->hi < -f->lo ? f->hi : -f->lo; /* |sums| up to it stay in range */
+    const int fits = f->is_float ? f->man <= 50 && f->emin >= -1000 : f->hi <= ldexp(f->step, 50);
+    if (K >= 2 && rows > 0 && N > 0 && range > 0 && fits && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && absmax_bits(b, K * N) < 0x7f800000U) {
+        double *at = malloc(sizeof(double) * 8 * (size_t)K);
+        int32_t *za = malloc(sizeof(int32_t) * (size_t)K);
+        int64_t *weight = malloc(sizeof(int64_t) * (size_t)K);
+        if (!at || !za || !weight) {
+            free(at);
+            free(za);
+            free(weight);
+            free(work);
+            return -1;
+        }
+        AccJob j = {f, a, b, K, N, chunk == 1 || chunk > K ? K : chunk, chunk};
+        j.weight = weight;
+        j.at = at;
+        j.za = za;
+        j.work = work;
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t zb = 0;
+            for (int64_t n = 0; n < N; ++n) zb += b[k * N + n] == 0;
+            const int bulk = k % j.chunk >= 2;
+            weight[k] = bulk ? N - zb : 0;
+            j.b_zeros += bulk ? zb : 0;
+        }
+        if (f->is_float) {
+            j.magic_offset = (int64_t)(bits_of_double(ldexp(1.5, 52 - f->man)) - bits_of_double(1.0));
+            j.half = ldexp(1.0, -f->man - 1);
+            j.min_binade = ldexp(1.0, f->emin);
+            j.top = (int64_t)(bits_of_double(range) & EXPONENT_BITS); /* the top binade */
+            j.fast2sum = ldexp(1.0, f->emin - f->man + 53) > 2 * f->hi;
+        } else {
+            j.magic = ldexp(1.5, 52) * f->step;
+            j.half = f->step / 2;
+            j.top = (int64_t)bits_of_double(range);
+        }
+        accumulate_fast(&j, out, rows);
+        *swamped += j.swamped;
+        *saturated += j.saturated;
+        free(at);
+        free(za);
+        free(weight);
+        free(work);
+        return 0;
+    }
+#endif
+    accumulate_rows(f, a, b, out, rows, K, N, chunk, work, swamped, saturated);
+    free(work);
+    return 0;
+}
+
 /* accumulate(a, b, out, rows, K, N, chunk, is_float, frac, man, emin, lo, hi, to_inf)
  * -> (swamped, saturated) */
 static PyObject *py_accumulate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -922,11 +1369,10 @@ static PyObject *py_accumulate(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "accumulate: bad sizes");
         return NULL;
     }
-    double *work = malloc(sizeof(double) * 2 * (size_t)(N > 0 ? N : 1));
-    if (!work) return PyErr_NoMemory();
     int64_t swamped = 0, saturated = 0;
-    Py_BEGIN_ALLOW_THREADS accumulate_rows(&f, a, b, out, rows, K, N, chunk, work, &swamped, &saturated);
-    Py_END_ALLOW_THREADS free(work);
+    int status;
+    Py_BEGIN_ALLOW_THREADS status = accumulate_run(&f, a, b, out, rows, K, N, chunk, &swamped, &saturated);
+    Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
     return Py_BuildValue("LL", (long long)swamped, (long long)saturated);
 }
 

@@ -71,7 +71,7 @@ def matmul_counts(a: torch.Tensor, b: torch.Tensor, fmt: Format,
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     if k == 0:
         return torch.zeros(m, n, dtype=torch.float32, device=a.device), AccumulationCounts(0, 0, 0)
-    chunk = k if chunk is None else chunk
+    chunk = k if chunk is None else min(chunk, k)  # a chunk of K or more terms: one sequential sum
     native = _matmul_native(a, b, fmt, chunk)
     if native is not None:
         return native

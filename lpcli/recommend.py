@@ -94,7 +94,8 @@ class Rules:
     attention_input_man: int = 2  # attention S - rowmax(S) float: mantissa bits
     accumulators: bool = False  # also plan each layer's GEMM accumulators (from the stats' gemms)
     accumulator_chunk: int | None = 32  # terms per partial sum (None: one sequential sum)
-    accumulator_guard_bits: int = 1  # resolution bits beyond the addends' rms (fixed) or the sum's growth (float)
+    accumulator_fixed_guard: int = 1  # fixed-point accumulator: step at most the products' rms / 2^guard
+    accumulator_float_guard: int = 2  # float accumulator: mantissa bits beyond the growth of the sums' spread
     accumulator_range_bits: int = 2  # accumulator range: doublings beyond the headroom (an overflow spoils a sum)
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
@@ -464,18 +465,22 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
     rule (its own) takes the growth measured in the stats instead of assuming independent
     addends, and calibrates its one constant against ``benchmarks/accumulator_sweep.py``:
 
-    * float: mantissa bits = ``ceil(log2(growth))`` + ``accumulator_guard_bits``, the growth
+    * float: mantissa bits = ``ceil(log2(growth))`` + ``accumulator_float_guard``, the growth
       being the larger of two stages' spread ratios: the rms of a chunk's sum over the
       products' rms ``a``, and (with chunks) the rms of the whole sum over the chunk sums'
       rms; the exponent holds the largest running sum (+ headroom) and resolves
       ``a / 2^guard``;
     * fixed point: the range holds the largest running sum (+ headroom); the step is
-      ``a / 2^guard`` whatever the length (a fixed-point addition's error is absolute).
+      ``a / 2^accumulator_fixed_guard`` whatever the length (a fixed-point addition's error
+      is absolute).
 
-    With a guard of 1 bit each addend is rounded to about its rms over 2: the accumulation
-    noise is unbiased and below the spread of the sum. On digits-cnn the empirical
-    thresholds (3 seeds, fixed point) lay 1 to 3 bits below a guard of 2; the README has
-    the sweep. The range takes ``accumulator_range_bits`` doublings beyond the headroom:
+    A fixed-point guard of 1 bit rounds each addend to about its rms over 2: unbiased noise
+    below the spread of the sum. A float's step grows with the running sum, and the sums
+    that reach 2-4x their rms (the tail, which carries the activations' signal) keep 1-2
+    bits less than the rms stage says: its guard is one bit more. Both were calibrated on
+    digits-cnn (3 seeds: a fixed guard of 2 lay 1 to 3 bits above the empirical thresholds;
+    a float guard of 1 lost 1.1 points in the forward GEMMs at chunk 1, the threshold one
+    bit above it); the README has the sweeps. The range takes ``accumulator_range_bits`` doublings beyond the headroom:
     the running sums are sampled (their tail is seen in part), they grow as the weights
     grow in training, and a running sum that overflows spoils its whole output (on
     digits-cnn, float accumulators sized on the sample alone overflowed in 2-6% of the
@@ -490,7 +495,8 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
     def at(series: str, length: int) -> float:  # at the first recorded length >= length
         return growth[series][next(i for i, n in enumerate(lengths) if n >= length)]
 
-    guard, headroom = rules.accumulator_guard_bits, rules.headroom_bits + rules.accumulator_range_bits
+    headroom = rules.headroom_bits + rules.accumulator_range_bits
+    guard = rules.accumulator_fixed_guard if rules.family == "fixed" else rules.accumulator_float_guard
     split = "one sequential sum" if c == terms else f"chunks of {c}"
     if rules.family == "fixed":
         integer = range_bits(top, headroom)

@@ -177,6 +177,16 @@ def test_addends_far_below_the_running_sum_are_swamped(chunk):
         assert value > 256.0 and counts.swamped < 63
 
 
+def test_a_chunk_longer_than_the_sum_is_one_sequential_sum():
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g)
+    fmt = FORMATS["e5m7"]
+    expected = matmul_counts(a, b, fmt, 5)
+    # float32 operands: the C kernel where it runs; float64 ones: the torch kernel
+    for got in (matmul_counts(a, b, fmt, 9), matmul_counts(a.double(), b.double(), fmt, 9)):
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
 def test_one_term_is_rounded_and_an_empty_sum_is_zero():
     fmt = parse_format("fx8.2")
     assert matmul(torch.tensor([[0.3]]), torch.tensor([[1.0]]), fmt).item() == 0.25
@@ -206,6 +216,48 @@ def test_the_kernels_agree_on_larger_products_with_infinities_and_nan():
             for got, counts in results[1:]:
                 assert torch.equal(got.nan_to_num(7.0), results[0][0].nan_to_num(7.0))
                 assert torch.equal(got.isnan(), results[0][0].isnan()) and counts == results[0][1]
+
+
+@pytest.mark.parametrize("chunk", [3, 32])
+def test_midpoints_in_the_middle_of_a_sum_are_resolved_by_the_low_part(chunk):
+    """The third and later terms of a chunk (the C kernel's bulk) against the literal sums:
+    a bf16 sum 2^-60 meets 1 + 2^-8, just above the midpoint 1 + 2^-8 by float64 rounding
+    (up to 1 + 2^-7); 1 + 2^-7 meets 2^-8 (1 - 2^-46), just below a midpoint (stays); and
+    an fx8.2 chunk starting -1/8 + 2^-60, rounded to +0 (by acc_add and by the torch kernel)."""
+    tail = 1 - 2.0**-23
+    a = torch.zeros(9, 40)
+    a[0, :3] = torch.tensor([2.0**-60, 0.0, 1 + 2.0**-8])
+    a[5, :3] = torch.tensor([1.0, 2.0**-7, 2.0**-8 * (1 + 2.0**-23)])
+    a[8, :3] = torch.tensor([-1 / 8, 2.0**-60, -0.0])
+    a[8, 3:] = -0.0  # products -0 keep a -0 sum -0, and +0 a +0
+    b = torch.ones(40, 3)
+    b[2, 1] = tail
+    for fmt in (FORMATS["bf16"], FORMATS["fx8.2"]):
+        _check(a, b, fmt, chunk)
+        results = list(_kernels(a, b, fmt, chunk).values())
+        for got, counts in results[1:]:
+            assert torch.equal(got.view(torch.int32), results[0][0].view(torch.int32)) and counts == results[0][1]
+    assert matmul(a, b, FORMATS["bf16"], chunk)[[0, 5], [0, 1]].tolist() == [1 + 2.0**-7, 1 + 2.0**-7]
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("chunk", [1, 3, 32])
+def test_the_kernels_agree_bit_for_bit_on_signed_zeros_and_ties(name, chunk):
+    """The C and torch kernels, bit for bit (a zero's sign included) and in their counts, on
+    products with signed zero terms and few-bit values (many ties), sized for the C kernel's
+    tiles: rows in eights and then one by one, columns in fours with a remainder."""
+    g = torch.Generator().manual_seed(hash((name, chunk)) % 2**31)
+    fmt = FORMATS[name]
+    scale = float(fmt.max_value) / 64
+    a = torch.randint(-8, 9, (19, 40), generator=g).float() / 8
+    b = torch.randint(-8, 9, (40, 11), generator=g).float() * (scale / 8)
+    a[torch.rand(a.shape, generator=g) < 0.3] = -0.0
+    b[torch.rand(b.shape, generator=g) < 0.3] = 0.0
+    a[3] = a[18] = 0.0
+    b[:, 3] = -b[:, 3].abs()  # with rows 3 and 18: products -0 only, sums that stay -0
+    results = list(_kernels(a, b, fmt, chunk).values())
+    for got, counts in results[1:]:
+        assert torch.equal(got.view(torch.int32), results[0][0].view(torch.int32)) and counts == results[0][1]
 
 
 def _dyadic(shape, g, scale=16):

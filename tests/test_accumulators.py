@@ -192,16 +192,16 @@ def test_the_accumulator_rule_follows_the_documented_formula():
     """256 terms, products of rms 2^-6 whose sums spread as 2^-6 sqrt(L) and reach 4 x
     2^-6 x sqrt(L): the largest running sum is 1. Fixed point: range 1 with 1 + 2 bits of
     headroom (5 integer bits), step 2^-6 / 2^1 (7 fraction bits). Float, one sequential
-    sum: the spread grows 2^4 from the products, +1 guard bit: 5 mantissa bits; e3 holds
-    1 x 2^3 (e2 does not) and steps of 2^-7. In chunks of 16 both stages grow 2^2: 3
-    mantissa bits, and then e3's smallest step (2^-5) is too coarse: e4."""
+    sum: the spread grows 2^4 from the products, +2 guard bits: 6 mantissa bits; e3 holds
+    1 x 2^3 (e2 does not) and steps of 2^-8. In chunks of 16 both stages grow 2^2: 4
+    mantissa bits, and then e3's smallest step (2^-6) is too coarse: e4."""
     growth = _growth()
     assert str(accumulator_format(growth, None, Rules())[0]) == "fx12.7"
     assert str(accumulator_format(growth, 16, Rules())[0]) == "fx12.7"  # fixed point: any length
-    assert str(accumulator_format(growth, None, Rules(family="float"))[0]) == "e3m5fn"
-    assert str(accumulator_format(growth, 1, Rules(family="float"))[0]) == "e3m5fn"  # chunks of 1: sequential
+    assert str(accumulator_format(growth, None, Rules(family="float"))[0]) == "e3m6fn"
+    assert str(accumulator_format(growth, 1, Rules(family="float"))[0]) == "e3m6fn"  # chunks of 1: sequential
     fmt, why = accumulator_format(growth, 16, Rules(family="float"))
-    assert str(fmt) == "fp8-e4m3" and "chunks of 16" in why and "Sakr" in why  # e4m3fn, by its alias
+    assert str(fmt) == "e4m4fn" and "chunks of 16" in why and "Sakr" in why
     # A sum the layer's stats saw larger than the sample's widens the range, not the step.
     assert str(accumulator_format(growth, None, Rules(), result_max=8.0)[0]) == "fx15.7"
     assert accumulator_format(_growth(addend=0.0), None, Rules())[0] == Float32()
