@@ -190,10 +190,16 @@ class GemmTally:
         self.swamped[kind] += counts.swamped
         self.saturated[kind] += counts.saturated
         self.results[kind] += q.numel()
-        exact = a.double() @ b.double()
-        finite = torch.isfinite(q)
-        q64, exact = q.double()[finite], exact[finite]
-        values = (q64.numel(), q64.sum(), (q64 * q64).sum(), exact.sum(), (exact * exact).sum())
+        q64 = q.double()
+        if len(a) > b.shape[1]:  # the same sums, transposed: BLAS is faster with the longer side last
+            q64, exact = q64.t(), b.t().double() @ a.t().double()
+        else:
+            exact = a.double() @ b.double()
+        finite = torch.isfinite(q64)
+        if not bool(finite.all()):
+            q64, exact = q64[finite], exact[finite]
+        q64, exact = q64.flatten(), exact.flatten()
+        values = (q64.numel(), q64.sum(), torch.dot(q64, q64), exact.sum(), torch.dot(exact, exact))
         self.moments[kind] = [m + float(v) for m, v in zip(self.moments[kind], values, strict=True)]
 
     def packed(self) -> torch.Tensor:
@@ -302,10 +308,10 @@ class ConvGeometry:
     dilation: tuple[int, int]
     groups: int
 
-    def columns(self, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
-        """``x`` padded and unfolded: (batch, channels * kh * kw, output positions)."""
+    def patches(self, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+        """``x`` padded, as a view (batch, output row, output column, channel, kh, kw)."""
         p = self.pads
-        return F.unfold(F.pad(x, (p[2], p[3], p[0], p[1])), kernel, dilation=self.dilation, stride=self.stride)
+        return _patches(F.pad(x, (p[2], p[3], p[0], p[1])), kernel, self.dilation, self.stride)
 
     def output_size(self, size: tuple[int, int], kernel: tuple[int, int]) -> tuple[int, int]:
         p, d, s = self.pads, self.dilation, self.stride
@@ -338,17 +344,36 @@ def conv2d_operands(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torc
     if kind == "input_grad":
         assert grad is not None
         return [_input_grad_operands(grad[:, o], weight[o], (x.shape[2], x.shape[3]), geometry) for o in outs]
-    cols = geometry.columns(x, (kh, kw))
+    patches = geometry.patches(x, (kh, kw))
     pairs = []
     for g, o in enumerate(outs):
-        rows = cols[:, g * fan_in:(g + 1) * fan_in].transpose(1, 2).reshape(-1, fan_in)
+        rows = patches[:, :, :, g * group_in:(g + 1) * group_in].reshape(-1, fan_in)
         if kind == "forward":
             pairs.append(_with_bias(rows, weight[o].reshape(group_out, fan_in).t(), None if bias is None else bias[o]))
         else:
             assert grad is not None
-            dy = grad[:, o].reshape(len(x), group_out, -1).transpose(0, 1).reshape(group_out, -1).contiguous()
-            pairs.append((dy, rows if bias is None else _ones_first(rows)))
+            pairs.append((_errors_by_channel(grad[:, o], group_out, 1)[0], rows if bias is None else _ones_first(rows)))
     return pairs
+
+
+def _errors_by_channel(grad: torch.Tensor, out_channels: int, groups: int) -> list[torch.Tensor]:
+    """Per group, the error at the output as (group's channels, batch x positions): the
+    weight gradient's a, its sums example by example, positions in row-major order."""
+    by_channel = grad.reshape(len(grad), out_channels, -1).transpose(0, 1).reshape(out_channels, -1)
+    return [part.contiguous() for part in by_channel.chunk(groups)]
+
+
+def _patches(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
+             stride: tuple[int, int]) -> torch.Tensor:
+    """Every kernel window of ``x`` (batch, channels, height, width) as a strided view
+    (batch, output row, output column, channel, kh, kw): reshaped to rows of ``unfold``'s
+    order (channel, kernel row, kernel column) in one copy, without unfold's transpose."""
+    x = x.contiguous()
+    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+    batch, channels, height, width = x.shape
+    rows, cols = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    sb, sc, sy, sx = x.stride()
+    return x.as_strided((batch, rows, cols, channels, kh, kw), (sb, sy * sh, sx * sw, sc, sy * dh, sx * dw))
 
 
 def _input_grad_operands(grad: torch.Tensor, weight: torch.Tensor, size: tuple[int, int],
@@ -368,8 +393,7 @@ def _input_grad_operands(grad: torch.Tensor, weight: torch.Tensor, size: tuple[i
     bottom = height + reach_h - top - spread.shape[2]
     right = width + reach_w - left - spread.shape[3]
     spread = F.pad(spread, (left, right, top, bottom))  # negative pads crop
-    cols = F.unfold(spread, (kh, kw), dilation=dilation)  # (batch, group_out*kh*kw, height*width)
-    rows = cols.transpose(1, 2).reshape(-1, group_out * kh * kw)
+    rows = _patches(spread, (kh, kw), dilation, (1, 1)).reshape(-1, group_out * kh * kw)
     return rows, weight.flip(2, 3).permute(0, 2, 3, 1).reshape(group_out * kh * kw, group_in)
 
 
@@ -398,16 +422,17 @@ class _Conv2d(torch.autograd.Function):
             raise ValueError(f"conv2d: weight {tuple(weight.shape)} does not fit input {tuple(x.shape)} with "
                              f"groups={geometry.groups}")
         out_h, out_w = geometry.output_size((x.shape[2], x.shape[3]), (kh, kw))
-        outputs = [gemms.product("forward", a, b).reshape(batch, out_h * out_w, -1)
-                   for a, b in conv2d_operands("forward", x, weight, bias, geometry)]
-        ctx.save_for_backward(x, weight)
+        pairs = conv2d_operands("forward", x, weight, bias, geometry)
+        outputs = [gemms.product("forward", a, b).reshape(batch, out_h * out_w, -1) for a, b in pairs]
+        # The forward's columns (a column of ones first, with a bias) are the weight gradient's b.
+        ctx.save_for_backward(x, weight, *(a for a, _ in pairs))
         ctx.geometry, ctx.gemms, ctx.has_bias = geometry, gemms, bias is not None
         y = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
         return y.transpose(1, 2).reshape(batch, out_channels, out_h, out_w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, *columns = ctx.saved_tensors
         geometry, gemms = ctx.geometry, ctx.gemms
         batch, _, height, width = x.shape
         group_in, kh, kw = weight.shape[1:]
@@ -417,9 +442,9 @@ class _Conv2d(torch.autograd.Function):
                      for a, b in conv2d_operands("input_grad", x, weight, None, geometry, grad)]
             dx = torch.cat(parts, dim=1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            bias = weight.new_empty(0) if ctx.has_bias else None  # only whether there is one matters here
-            both = [gemms.product("weight_grad", a, b) for a, b in conv2d_operands("weight_grad", x, weight, bias,
-                                                                                    geometry, grad)]
+            both = [gemms.product("weight_grad", dy, b) for dy, b in zip(_errors_by_channel(grad, weight.shape[0],
+                                                                                       geometry.groups), columns,
+                                                                          strict=True)]
             if ctx.has_bias:
                 db = torch.cat([t[:, 0] for t in both])
                 both = [t[:, 1:] for t in both]
