@@ -96,6 +96,7 @@ class Rules:
     accumulator_chunk: int | None = 32  # terms per partial sum (None: one sequential sum)
     accumulator_fixed_guard: int = 1  # fixed-point accumulator: step at most the products' rms / 2^guard
     accumulator_float_guard: int = 2  # float accumulator: mantissa bits beyond the growth of the sums' spread
+    accumulator_error_guard: int = 0  # the same for the input gradient's float accumulator (errors passed back)
     accumulator_range_bits: int = 2  # accumulator range: doublings beyond the headroom (an overflow spoils a sum)
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
@@ -450,7 +451,7 @@ def recommend_attention(entry: dict[str, Any], rules: Rules) -> tuple[dict[str, 
 
 
 def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
-                       result_max: float = 0.0) -> tuple[Format, str]:
+                       result_max: float = 0.0, kind: str = "forward") -> tuple[Format, str]:
     """The accumulator of one GEMM kind of one layer, from how its sums grow (the stats'
     ``gemms``: the rms ``a`` of the non-zero products, and per length ``L`` the rms of the
     sum of ``L`` terms and the largest running sum up to ``L``), summed in chunks of
@@ -465,11 +466,12 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
     rule (its own) takes the growth measured in the stats instead of assuming independent
     addends, and calibrates its one constant against ``benchmarks/accumulator_sweep.py``:
 
-    * float: mantissa bits = ``ceil(log2(growth))`` + ``accumulator_float_guard``, the growth
-      being the larger of two stages' spread ratios: the rms of a chunk's sum over the
-      products' rms ``a``, and (with chunks) the rms of the whole sum over the chunk sums'
-      rms; the exponent holds the largest running sum (+ headroom) and resolves
-      ``a / 2^guard``;
+    * float: mantissa bits = ``ceil(log2(growth))`` + ``accumulator_float_guard`` (for the
+      ``input_grad`` GEMM, ``kind``: ``accumulator_error_guard``), the growth being the
+      larger of two stages' spread ratios: the rms of a chunk's sum over the products' rms
+      ``a``, and (with chunks) the rms of the whole sum over the chunk sums' rms; the
+      exponent holds the largest running sum (+ headroom) and resolves
+      ``a / 2^accumulator_float_guard``;
     * fixed point: the range holds the largest running sum (+ headroom); the step is
       ``a / 2^accumulator_fixed_guard`` whatever the length (a fixed-point addition's error
       is absolute).
@@ -480,11 +482,15 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
     bits less than the rms stage says: its guard is one bit more. Both were calibrated on
     digits-cnn (3 seeds: a fixed guard of 2 lay 1 to 3 bits above the empirical thresholds;
     a float guard of 1 lost 1.1 points in the forward GEMMs at chunk 1, the threshold one
-    bit above it); the README has the sweeps. The range takes ``accumulator_range_bits`` doublings beyond the headroom:
-    the running sums are sampled (their tail is seen in part), they grow as the weights
-    grow in training, and a running sum that overflows spoils its whole output (on
-    digits-cnn, float accumulators sized on the sample alone overflowed in 2-6% of the
-    forward additions and training collapsed).
+    bit above it); the README has the sweeps. The input gradient's float sums need no
+    guard: their error is relative, so small errors survive (a fixed-point step flushes
+    them), and it is noise that every weight gradient below sums over its batch and
+    positions (with 2 guard bits, digits-cnn lost nothing at 0 or 1 mantissa bits, 4 bits
+    less). The range takes ``accumulator_range_bits`` doublings beyond the headroom: the
+    running sums are sampled (their tail is seen in part), they grow as the weights grow
+    in training, and a running sum that overflows spoils its whole output (on digits-cnn,
+    float accumulators sized on the sample alone overflowed in 2-6% of the forward
+    additions and training collapsed).
     """
     terms, lengths = growth["terms"], growth["lengths"]
     addend, top = growth["addend_rms"], max(growth["partial_max"][-1], result_max)
@@ -497,6 +503,7 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
 
     headroom = rules.headroom_bits + rules.accumulator_range_bits
     guard = rules.accumulator_fixed_guard if rules.family == "fixed" else rules.accumulator_float_guard
+    man_guard = rules.accumulator_error_guard if kind == "input_grad" else guard
     split = "one sequential sum" if c == terms else f"chunks of {c}"
     if rules.family == "fixed":
         integer = range_bits(top, headroom)
@@ -513,12 +520,13 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
                        f"the chunk sums (rms {at('sum_rms', c):.3g}) to the whole sum (rms {whole:.3g})"))
     small, big, what = max(stages, key=lambda stage: stage[1] / stage[0])
     growth_bits = max(0, math.ceil(math.log2(big / small)))
-    man = min(23, growth_bits + guard)
+    man = min(23, growth_bits + man_guard)
+    errors = " (errors passed back: noise the weight gradients below average)" if kind == "input_grad" else ""
     exp = next((e for e in range(2, 9) if _float(e, man).max_value >= top * 2.0 ** headroom
                 and _float(e, man).step <= addend * 2.0 ** -guard), 8)
     return _float(exp, man), (f"{terms} terms, {split}: mantissa {growth_bits} bits for the growth from {what}, "
-                              f"+{guard} guard bit(s) (after Sakr et al., ICLR 2019); exponent holds {top:.3g} "
-                              f"(+{headroom} bits) and steps of {addend * 2.0 ** -guard:.3g}")
+                              f"+{man_guard} guard bit(s){errors} (after Sakr et al., ICLR 2019); exponent holds "
+                              f"{top:.3g} (+{headroom} bits) and steps of {addend * 2.0 ** -guard:.3g}")
 
 
 def recommend_accumulators(gemms: dict[str, Any], layer: dict[str, Any], rules: Rules) -> tuple[
@@ -531,7 +539,8 @@ def recommend_accumulators(gemms: dict[str, Any], layer: dict[str, Any], rules: 
     for kind in GEMMS:
         if gemms.get(kind):
             result_max = results.get(kind, {}).get("absmax", 0.0)
-            formats[kind], reasons[kind] = accumulator_format(gemms[kind], rules.accumulator_chunk, rules, result_max)
+            formats[kind], reasons[kind] = accumulator_format(gemms[kind], rules.accumulator_chunk, rules,
+                                                                result_max, kind)
         else:
             formats[kind], reasons[kind] = Float32(), "this GEMM was not seen in the analyzed steps: float32"
     return formats, reasons

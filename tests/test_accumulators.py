@@ -194,7 +194,8 @@ def test_the_accumulator_rule_follows_the_documented_formula():
     headroom (5 integer bits), step 2^-6 / 2^1 (7 fraction bits). Float, one sequential
     sum: the spread grows 2^4 from the products, +2 guard bits: 6 mantissa bits; e3 holds
     1 x 2^3 (e2 does not) and steps of 2^-8. In chunks of 16 both stages grow 2^2: 4
-    mantissa bits, and then e3's smallest step (2^-6) is too coarse: e4."""
+    mantissa bits, and then e3's smallest step (2^-6) is too coarse: e4. The input
+    gradient's float accumulator has no guard bits: 4 mantissa bits, e4 again."""
     growth = _growth()
     assert str(accumulator_format(growth, None, Rules())[0]) == "fx12.7"
     assert str(accumulator_format(growth, 16, Rules())[0]) == "fx12.7"  # fixed point: any length
@@ -202,6 +203,10 @@ def test_the_accumulator_rule_follows_the_documented_formula():
     assert str(accumulator_format(growth, 1, Rules(family="float"))[0]) == "e3m6fn"  # chunks of 1: sequential
     fmt, why = accumulator_format(growth, 16, Rules(family="float"))
     assert str(fmt) == "e4m4fn" and "chunks of 16" in why and "Sakr" in why
+    # The input gradient's float sums take no guard bits; the exponent still resolves 2^-8.
+    fmt, why = accumulator_format(growth, None, Rules(family="float"), kind="input_grad")
+    assert str(fmt) == "e4m4fn" and "+0 guard" in why and "errors passed back" in why
+    assert str(accumulator_format(growth, None, Rules(), kind="input_grad")[0]) == "fx12.7"  # fixed: unchanged
     # A sum the layer's stats saw larger than the sample's widens the range, not the step.
     assert str(accumulator_format(growth, None, Rules(), result_max=8.0)[0]) == "fx15.7"
     assert accumulator_format(_growth(addend=0.0), None, Rules())[0] == Float32()
