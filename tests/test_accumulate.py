@@ -420,5 +420,22 @@ def test_the_tally_counts_every_gemm_and_the_variance_each_kept():
     assert counts.swamped > 0
     assert doc["forward"]["retention"] == pytest.approx(float(forward.double().var() / exact.var()), rel=1e-9)
     assert doc["forward"]["retention"] != 1.0
-    _, grad_counts = matmul_counts(grad.t().contiguous(), x.detach(), fmts.weight_grad, 64)
+    dw, grad_counts = matmul_counts(grad.t().contiguous(), x.detach(), fmts.weight_grad, 64)
     assert doc["weight_grad"]["saturated"] == grad_counts.saturated > 0
+    exact_dw = grad.double().t() @ x.detach().double()
+    assert doc["weight_grad"]["retention"] == pytest.approx(float(dw.double().var() / exact_dw.var()), rel=1e-9)
+
+
+def test_the_tally_leaves_sums_that_overflowed_to_inf_out_of_the_retention():
+    """An IEEE-style accumulator overflows to inf: those sums (and their exact twins) are
+    left out of both variances; the others count."""
+    a = torch.tensor([[1.0, 1.0], [200.0, 200.0], [3.0, -1.0], [-2.0, 0.5]])
+    b = torch.tensor([[1.0, 2.0, 0.5], [1.0, 1.0, 0.25]])
+    fmt = FloatFormat(4, 3)  # largest finite 240: 200 + 200 overflows
+    q, counts = matmul_counts(a, b, fmt, None)
+    finite = torch.isfinite(q)
+    assert not bool(finite.all()) and counts.saturated > 0
+    tally = GemmTally()
+    tally.add("forward", counts, q, a, b)
+    exact = (a.double() @ b.double())[finite]
+    assert tally.retention("forward") == pytest.approx(float(q.double()[finite].var() / exact.var()), rel=1e-12)
