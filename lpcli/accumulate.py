@@ -442,9 +442,8 @@ class _Conv2d(torch.autograd.Function):
                      for a, b in conv2d_operands("input_grad", x, weight, None, geometry, grad)]
             dx = torch.cat(parts, dim=1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            both = [gemms.product("weight_grad", dy, b) for dy, b in zip(_errors_by_channel(grad, weight.shape[0],
-                                                                                       geometry.groups), columns,
-                                                                          strict=True)]
+            errors = _errors_by_channel(grad, weight.shape[0], geometry.groups)
+            both = [gemms.product("weight_grad", dy, b) for dy, b in zip(errors, columns, strict=True)]
             if ctx.has_bias:
                 db = torch.cat([t[:, 0] for t in both])
                 both = [t[:, 1:] for t in both]
