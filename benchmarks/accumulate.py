@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 
 from lpcli.accumulate import matmul_counts
-from lpcli.formats import kernel_backend, parse_format
+from lpcli.formats import parse_format
+from lpcli.kernels import kernel_backend
 
 # name: (M, K, N) of (M, K) @ (K, N); K includes the bias's column of ones where there is one
 SHAPES = {

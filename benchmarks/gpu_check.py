@@ -70,7 +70,7 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def quantize_nearest(n: int) -> None:
-    from lpcli.formats import quantize
+    from lpcli.kernels import quantize
 
     print("quantize: CUDA vs CPU, bit for bit")
     x = values(n)
@@ -101,7 +101,7 @@ def quantize_nearest(n: int) -> None:
 
 
 def quantize_stochastic(repeats: int) -> None:
-    from lpcli.formats import quantize
+    from lpcli.kernels import quantize
 
     print("quantize: stochastic rounding on CUDA (two neighbours, unbiased)")
     base = torch.tensor([0.3, -0.3, 1.1, -2.7, 0.013, 2.9, 0.71, -0.0417, 1e-3, 5.0])

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from lpcli.formats import kernel_backend
+from lpcli.kernels import kernel_backend
 from lpcli.optim import KahanAdamW, KahanSGD
 
 

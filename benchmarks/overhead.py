@@ -47,7 +47,7 @@ from lpcli import distributed
 from lpcli.data import Dataset, batch_indices
 from lpcli.distributed import World
 from lpcli.errors import InputError
-from lpcli.formats import kernel_backend
+from lpcli.kernels import kernel_backend
 from lpcli.models import run_model
 from lpcli.plan import Plan
 from lpcli.recipe import Recipe, load_recipe

@@ -1,4 +1,4 @@
-"""Speed of lpcli.formats.quantize on the CPU, as ratios to a plain copy measured in the same run.
+"""Speed of lpcli.kernels.quantize on the CPU, as ratios to a plain copy measured in the same run.
 
     python benchmarks/quantize.py [--sizes 20 24] [--repeats 7]
 
@@ -36,7 +36,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch's CPU alloca
 
 import torch  # noqa: E402
 
-from lpcli.formats import FixedPoint, FloatFormat, kernel_backend, parse_format, quantize  # noqa: E402
+from lpcli.formats import FixedPoint, FloatFormat, parse_format
+from lpcli.kernels import kernel_backend, quantize  # noqa: E402
 
 FORMATS = (
     "fx8.4",

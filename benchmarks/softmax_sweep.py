@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from lpcli.data import Dataset, batch_indices, load_data
-from lpcli.formats import FixedPoint, Float32, FloatFormat, Format, quantize
+from lpcli.formats import FixedPoint, Float32, FloatFormat, Format
+from lpcli.kernels import quantize
 from lpcli.recommend import Rules, softmax_formats
 from lpcli.simulate import Simulator
 

@@ -11,7 +11,8 @@ Every CLI command has a library twin::
 __version__ = "0.1.0"
 
 from .check import train_check  # noqa: E402
-from .formats import parse_format, quantize  # noqa: E402
+from .formats import parse_format
+from .kernels import quantize  # noqa: E402
 from .optim import KahanAdam, KahanAdamW, KahanSGD  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .recipe import load_recipe  # noqa: E402

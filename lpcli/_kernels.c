@@ -225,7 +225,7 @@ static void nearest_run(const float *restrict x, float *restrict y, int64_t n, c
 
 /* --- floats with E <= 7, any rounding: exponent arithmetic ------------------------------ */
 
-/* The parameters as formats._general_params gives them (float32 layout for M <= 21,
+/* The parameters as kernels._general_params gives them (float32 layout for M <= 21,
  * float64 layout for M >= 22). */
 typedef struct {
     double limit;
@@ -238,7 +238,7 @@ typedef struct {
 /* GENERAL_ONE defines the element function in the working float T (float32 for M <= 21:
  * twice the vector width; float64 for M >= 22, where every step is exact for float32
  * inputs): round |x| (clamped) on the grid of its binade, restore the sign, then the
- * overflow and inf fix-ups of formats._general_kernel. */
+ * overflow and inf fix-ups of kernels._general_kernel. */
 #define GENERAL_ONE(name, T, UINT, INT, to_bits, from_bits, EXP_MASK, TRUNC, FLOOR, COPYSIGN)                  \
     typedef struct {                                                                                        \
         T limit, up, down, s1, s2;                                                                          \
@@ -666,7 +666,7 @@ static long long as_long(PyObject *o) { return PyLong_AsLongLong(o); }
 static unsigned long long as_ulong(PyObject *o) { return PyLong_AsUnsignedLongLong(o); }
 static void *as_pointer(PyObject *o) { return (void *)(uintptr_t)PyLong_AsUnsignedLongLong(o); }
 
-/* A quantizer from formats._native_spec: (kind, mode, key, parameters...). */
+/* A quantizer from kernels.native_spec: (kind, mode, key, parameters...). */
 static int parse_quantizer(PyObject *spec, Quantizer *q) {
     static const Py_ssize_t sizes[] = {3, 8, 5, 10, 14};
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 3) {

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import formats
+from . import kernels
 from .formats import FixedPoint, FloatFormat, Format
 
 
@@ -81,14 +81,14 @@ def matmul_counts(a: torch.Tensor, b: torch.Tensor, fmt: Format,
 def _matmul_native(a: torch.Tensor, b: torch.Tensor, fmt: Format,
                    chunk: int) -> tuple[torch.Tensor, AccumulationCounts] | None:
     """The C kernel, for float32 CPU operands (None elsewhere, or without the C kernels)."""
-    kernels = formats._kernels
-    if kernels is None or not (a.is_cpu and b.is_cpu and a.dtype == b.dtype == torch.float32):
+    native = kernels._kernels
+    if native is None or not (a.is_cpu and b.is_cpu and a.dtype == b.dtype == torch.float32):
         return None
     a, b = a.contiguous(), b.contiguous()
     (m, k), n = a.shape, b.shape[1]
     out = torch.empty(m, n, dtype=torch.float32)
     is_float = isinstance(fmt, FloatFormat)
-    swamped, saturated = kernels.accumulate(
+    swamped, saturated = native.accumulate(
         a.data_ptr(), b.data_ptr(), out.data_ptr(), m, k, n, chunk, int(is_float),
         0 if is_float else fmt.frac, fmt.man if is_float else 0, fmt.emin if is_float else 0,
         float(fmt.min_value), float(fmt.max_value), int(is_float and not fmt.finite))

@@ -76,8 +76,9 @@ from typing import Any
 
 import torch
 
-from . import formats
-from .formats import DynamicFixedPoint, FixedPoint, Float32, FloatFormat, Format, in_pieces, native_spec, parse_format
+from . import kernels
+from .formats import DynamicFixedPoint, FixedPoint, Float32, FloatFormat, Format, parse_format
+from .kernels import in_pieces, native_spec
 from .store import MODES, LowPrecisionOptimizer, compensation_format, compensation_range, store, store_foreach
 from .store import round_onto as _q
 
@@ -456,7 +457,7 @@ def _adam_updates_foreach(ws: list[torch.Tensor], gs: list[torch.Tensor], states
 # --- C path ----------------------------------------------------------------------------------
 #
 # lpcli/_kernels.c carries _single_step and _adam_single over in C, operation for operation
-# and with the same quantizers as formats.quantize, in blocks that stay in cache: one pass
+# and with the same quantizers as kernels.quantize, in blocks that stay in cache: one pass
 # over memory per tensor, the rule's update and the store (one store, shared by both rules)
 # block by block. The default on the CPU where the kernels are built; stochastic rounding
 # and dynamic fixed point take the per-tensor path.
@@ -495,7 +496,7 @@ def _native_run(kernel: Callable, tensors: tuple[torch.Tensor | None, ...], scal
                 specs: tuple[tuple, ...], comp_range: tuple[float, float], state: dict[str, Any], diag: bool) -> None:
     addresses = [t.data_ptr() if t is not None else 0 for t in tensors]
     n = tensors[0].numel()
-    if n < 2 * formats._PIECE:  # what in_pieces would do, in one call, without its overhead
+    if n < 2 * kernels._PIECE:  # what in_pieces would do, in one call, without its overhead
         counts = kernel(*addresses, n, *scalars, flags, *specs, *comp_range)
         if diag:
             _set_counts(state, *counts)
@@ -528,7 +529,7 @@ def _native_steps(params: list[torch.Tensor], states: list[dict[str, Any]], grou
     flags = _native_flags(group, diag, momentum=bool(group["momentum"]), nesterov=group["nesterov"],
                           decay=bool(group["weight_decay"]))
     scalars = (group["lr"], group["momentum"], group["weight_decay"])
-    kernel, comp_range = formats._kernels.sgd_step, compensation_range(group["comp_format"])
+    kernel, comp_range = kernels._kernels.sgd_step, compensation_range(group["comp_format"])
     for p, state in zip(params, states, strict=True):
         tensors = (p.detach(), p.grad.detach(), state.get("momentum_buffer"), state.get("compensation"),
                    state.get("intended") if diag else None)
@@ -550,14 +551,14 @@ def _adam_native(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], 
     h1, h2 = (debiased_beta(beta, state["step"]) for beta in group["betas"])
     flags = _native_flags(group, diag, decay=bool(decay and decoupled), l2=bool(decay and not decoupled))
     scalars = (group["lr"], decay, h1, 1 - h1, h2, 1 - h2, group["eps"])
-    _native_call(formats._kernels.adam_step, tensors, scalars, flags, specs, group, state, diag)
+    _native_call(kernels._kernels.adam_step, tensors, scalars, flags, specs, group, state, diag)
     return True
 
 
 # --- compiled path ---------------------------------------------------------------------------
 #
 # The fused step is written with plain torch operations and inline rounding (the same
-# operations formats.quantize uses for these formats: clamp, + C, - C for fixed point; a
+# operations kernels.quantize uses for these formats: clamp, + C, - C for fixed point; a
 # cast for bf16/fp16), so compiled and eager give the same bits. Format parameters, lr,
 # momentum and decay are passed as 0-d tensors: one compiled graph serves every layer
 # and every learning rate of a kind.

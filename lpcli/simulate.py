@@ -14,7 +14,7 @@ its own; the logits then drift, see lpcli/recommend.py).
 Weights are not touched here: the optimizer stores them (see :mod:`lpcli.optim`).
 Counts of saturated and underflowed values are kept per quantization point: on the
 device, so that no step waits for the host, except on the CPU, where the C kernels count
-in the same pass as they round (:func:`lpcli.formats.quantize_count`) and the counts are
+in the same pass as they round (:func:`lpcli.kernels.quantize_count`) and the counts are
 Python integers.
 
 What a simulated step adds to the model's own work is kept small (benchmarks/overhead.py
@@ -47,13 +47,10 @@ from torch import nn
 from .accumulate import AccumulatorMode, GemmFormats, GemmTally
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, mode_around, simulated_softmax
-from .formats import (
+from .formats import DynamicFixedPoint, FixedPoint, Float32, Format
+from .kernels import (
     CountPlan,
     Counts,
-    DynamicFixedPoint,
-    FixedPoint,
-    Float32,
-    Format,
     absmax_value,
     count_plan,
     kernel_backend,
@@ -127,7 +124,7 @@ class Counter:
             self._device[0] -= elements.double()
 
     def add(self, elements: int, nonzero: int, nonzero_rounded: int, saturated: int) -> None:
-        """The counts of one rounding, made by the C kernels (:func:`lpcli.formats.quantize_count`)."""
+        """The counts of one rounding, made by the C kernels (:func:`lpcli.kernels.quantize_count`)."""
         self.last_nonzero = nonzero_rounded
         host = self._host
         if host is None:
@@ -168,7 +165,7 @@ def rounded(x: torch.Tensor, fmt: Format, simulator: Simulator, counter: Counter
 
 def _rounded_counts(x: torch.Tensor, fmt: Format, simulator: Simulator, inplace: bool = False,
                     counts_only: bool = False, extra: str | None = None) -> tuple[torch.Tensor, Counts] | None:
-    """:func:`lpcli.formats.quantize_count` with the simulator's rounding (None where the C
+    """:func:`lpcli.kernels.quantize_count` with the simulator's rounding (None where the C
     kernels do not apply). ``extra="nonfinite_x"`` / ``"nonfinite_q"``: where the kernel
     found no NaN or inf in x / in the result, that tensor is marked so, with its version,
     and :func:`all_finite` reads the mark instead of the tensor (for the tensors the

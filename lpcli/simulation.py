@@ -27,7 +27,8 @@ from torch import nn
 from . import optim
 from .errors import InputError
 from .files import read_document
-from .formats import Float32, quantize
+from .formats import Float32
+from .kernels import quantize
 from .models import module_name, ownership, trainable_parameters
 from .plan import TENSORS, Plan, plan_from_document
 from .simulate import NOT_SIMULATED, Simulator, shares

@@ -66,9 +66,9 @@ from .formats import (
     FloatFormat,
     Format,
     parse_format,
-    quantize,
     saturated,
 )
+from .kernels import quantize
 
 MODES = ("kahan", "plain", "stochastic")
 # The diagnostics' counters per tensor: updates u != 0 (moved) and those that left the weight

@@ -21,7 +21,8 @@ from lpcli.accumulate import (
     matmul,
     matmul_counts,
 )
-from lpcli.formats import FixedPoint, FloatFormat, kernel_backend, parse_format
+from lpcli.formats import FixedPoint, FloatFormat, parse_format
+from lpcli.kernels import kernel_backend
 
 FORMATS = {
     "fx12.6": FixedPoint(12, 6),

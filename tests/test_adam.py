@@ -302,12 +302,12 @@ def test_paths_bit_identical_for_each_option(options):
 def test_c_path_bit_identical_on_several_threads(monkeypatch):
     """One thread: the C step over whole tensors; several: each tensor split among the threads
     (pieces of 1000 elements here, so that pieces end inside the kernel's blocks)."""
-    from lpcli import formats
+    from lpcli import kernels
 
-    if formats._kernels is None:
+    if kernels._kernels is None:
         pytest.skip("the C kernels are not built")
     spec = _run(KahanAdamW, "bf16", "kahan", "bf16", foreach=False)
-    monkeypatch.setattr(formats, "_PIECE", 1000)
+    monkeypatch.setattr(kernels, "_PIECE", 1000)
     threads = torch.get_num_threads()
     try:
         for count in (1, 3):

@@ -17,7 +17,8 @@ import yaml
 from torch import nn
 
 from lpcli.errors import InputError
-from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format, quantize
+from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format
+from lpcli.kernels import quantize
 from lpcli.plan import plan_from_document
 from lpcli.recommend import Rules, attention_probs_format, fixed_tensor_format, recommend_attention
 from lpcli.simulate import Simulator

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpcli import formats
-from lpcli.formats import parse_format, quantize, quantize_count, saturated
+from lpcli import formats, kernels
+from lpcli.formats import parse_format, saturated
+from lpcli.kernels import quantize, quantize_count
 from lpcli.optim import KahanSGD
 from lpcli.simulate import Counter, NonFiniteWatch, Simulator
 
-pytestmark = pytest.mark.skipif(formats._kernels is None, reason="the C kernels are not built")
+pytestmark = pytest.mark.skipif(kernels._kernels is None, reason="the C kernels are not built")
 
 FORMATS = ["fx8.4", "fx24.12", "fx4.-2", "fx6.9", "dfx8", "bf16", "fp16", "e8m3", "fp8-e4m3", "fp8-e5m2",
            "e3m4", "fp6-e2m3", "fp4-e2m1", "e5m22", "fp32"]
@@ -46,7 +47,7 @@ def torch_counts(x: torch.Tensor, q: torch.Tensor, fmt: str, extra: str | None =
 @pytest.mark.parametrize("rounding", ["nearest", "zero", "stochastic"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantize_count_gives_quantize_and_torchs_counts(fmt: str, rounding: str) -> None:
-    for extra in formats.EXTRAS:
+    for extra in kernels.EXTRAS:
         for x in (special_values(), special_values()[40:].nan_to_num(posinf=1.0, neginf=-1.0),
                   quantize(special_values(), "fx6.3")):  # with and without NaN/inf; already on a grid
             gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -67,14 +68,14 @@ def test_quantize_count_gives_quantize_and_torchs_counts(fmt: str, rounding: str
 
 
 def test_quantize_count_in_pieces_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "_PIECE", 1 << 10)
+    monkeypatch.setattr(kernels, "_PIECE", 1 << 10)
     x = special_values(50_001, seed=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         for fmt in ("fx8.4", "bf16", "e4m3fn"):
             for rounding in ("nearest", "stochastic"):
-                for extra in formats.EXTRAS:
+                for extra in kernels.EXTRAS:
                     q, counts = quantize_count(x, fmt, rounding, torch.Generator().manual_seed(1), extra=extra)
                     expected = quantize(x, fmt, rounding, torch.Generator().manual_seed(1))
                     assert torch.equal(q.view(torch.int32), expected.view(torch.int32))
@@ -208,7 +209,7 @@ def assert_same(a, b) -> None:
 def test_a_simulated_run_on_the_c_kernels_is_the_torch_kernels_run(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fast = train(kind, "nearest")
     with monkeypatch.context() as patch:
-        patch.setattr(formats, "_kernels", None)
+        patch.setattr(kernels, "_kernels", None)
         slow = train(kind, "nearest")
     assert_same(fast, slow)
 
@@ -243,7 +244,7 @@ def test_the_watch_finds_the_same_first_non_finite_tensor(monkeypatch: pytest.Mo
     for kind in ("fixed", "mixed"):
         fast = train(kind, "nearest", steps=6, poison=3)
         with monkeypatch.context() as patch:
-            patch.setattr(formats, "_kernels", None)
+            patch.setattr(kernels, "_kernels", None)
             slow = train(kind, "nearest", steps=6, poison=3)
         assert fast[3][:4] == [None, None, None, ("stem", "activation")]  # NaN stays NaN in every format
         assert fast[3] == slow[3]

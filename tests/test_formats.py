@@ -1,4 +1,4 @@
-"""lpcli.formats against independent oracles, bit for bit.
+"""lpcli.formats and its quantizer (lpcli.kernels) against independent oracles, bit for bit.
 
 Oracles: torch dtype casts (fp16, bf16, fp8), ml_dtypes (fp6, fp4, IEEE-style fp8 splits),
 torch.fake_quantize_per_tensor_affine (fixed point), a float64 reference written here
@@ -6,7 +6,7 @@ torch.fake_quantize_per_tensor_affine (fixed point), a float64 reference written
 small format (stochastic rounding's neighbours). Each comparison covers 2^20 random values
 plus edge values (ties, subnormals, max and beyond, +-0, +-inf, NaN); NaN is compared as
 "both NaN", everything else through int32 bit views. Intended differences from an oracle
-are listed in the module docstring of lpcli.formats and tested one by one here.
+are listed in the module docstring of lpcli.kernels and tested one by one here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from lpcli import formats
+from lpcli import formats, kernels
 from lpcli.formats import (
     ACCEPTED_FORMS,
     ALIASES,
@@ -31,10 +31,9 @@ from lpcli.formats import (
     Float32,
     FloatFormat,
     FormatError,
-    MaxHistory,
     parse_format,
-    quantize,
 )
+from lpcli.kernels import MaxHistory, quantize
 
 N = 1 << 20
 INF, NAN = math.inf, math.nan
@@ -74,8 +73,8 @@ def one_thread():
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs on the fused C kernels and on the torch kernels."""
     if request.param == "torch":
-        monkeypatch.setattr(formats, "_kernels", None)
-    elif formats._kernels is None:
+        monkeypatch.setattr(kernels, "_kernels", None)
+    elif kernels._kernels is None:
         pytest.skip("the C kernels are not built (no C compiler at install, or LPCLI_KERNELS=torch)")
     return request.param
 
@@ -182,7 +181,7 @@ def ml_cast(x: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def general_path(x: torch.Tensor, fmt: FloatFormat, rounding: str = "nearest", g=None) -> torch.Tensor:
-    return formats._float(x, fmt, rounding, g)
+    return kernels._float(x, fmt, rounding, g)
 
 
 # --- floats against torch casts and ml_dtypes ---------------------------------------------------
@@ -194,7 +193,7 @@ def test_torch_cast_formats_bitexact(name: str) -> None:
     x = torch.cat([random_for_float(fmt, 1), float_edges(fmt)])
     x_finite_range = x.clamp(-fmt.max_value, fmt.max_value) if fmt.finite else x
     expected = x_finite_range.to(TORCH_DTYPES[name]).float()
-    uses_cast = formats._cast_dtype(fmt) is not None
+    uses_cast = kernels._cast_dtype(fmt) is not None
     assert uses_cast == (name in ("fp16", "bf16"))  # fp8 casts are slower than the general path
     assert_bitexact(quantize(x, name), expected, x)
     assert_bitexact(general_path(x, fmt), expected, x)
@@ -202,7 +201,7 @@ def test_torch_cast_formats_bitexact(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_quantize_without_native_cast_is_bitexact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "_cast_dtype", lambda fmt: None)
+    monkeypatch.setattr(kernels, "_cast_dtype", lambda fmt: None)
     x = torch.cat([random_for_float(parse_format(name), 2), float_edges(parse_format(name))])
     assert_bitexact(quantize(x, name), x.to(TORCH_DTYPES[name]).float(), x)
 
@@ -337,7 +336,7 @@ def test_e8_checked_and_unchecked_paths_agree(spec: str) -> None:
         results = []
         for device_type in ("cpu", "cuda"):
             y = torch.empty_like(x)
-            formats._apply(formats._float_kernel(fmt, rounding, gen(4), device_type), x, y)
+            kernels._apply(kernels._float_kernel(fmt, rounding, gen(4), device_type), x, y)
             results.append(y)
         assert_bitexact(results[0], results[1], x)
 
@@ -603,7 +602,7 @@ def test_chunked_and_whole_tensor_agree(monkeypatch: pytest.MonkeyPatch) -> None
     for name in ("fx8.4", "fx24.6", "fp8-e5m2", "bf16", "e8m3"):
         for rounding in formats.ROUNDINGS:
             whole = quantize(x, name, rounding, gen(1))
-            monkeypatch.setattr(formats, "_CHUNK", 333)
+            monkeypatch.setattr(kernels, "_CHUNK", 333)
             chunked = quantize(x, name, rounding, gen(1))
             monkeypatch.undo()
             assert_bitexact(chunked, whole)
@@ -634,13 +633,13 @@ def test_inputs_that_require_grad() -> None:
 @pytest.mark.parametrize("rounding", formats.ROUNDINGS)
 def test_fixed_kernel_with_a_tensor_frac_as_on_an_accelerator(rounding: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Off the CPU, dynamic fixed point keeps F as a 0-d tensor to avoid a device sync.
-    monkeypatch.setattr(formats, "_kernels", None)  # the torch kernels' random stream
+    monkeypatch.setattr(kernels, "_kernels", None)  # the torch kernels' random stream
     x = torch.cat([random_bits(10_000, -8, 6, 12), f32([NAN, INF, -INF, -0.0])])
     for width, frac in [(8, 4), (24, -3), (6, 9)]:
         expected = quantize(x, FixedPoint(width, frac), rounding, gen(3))
         y = torch.empty_like(x)
-        kernel = formats._fixed_kernel(width, torch.tensor(float(frac)), rounding, gen(3))
-        formats._apply(kernel, x, y)
+        kernel = kernels._fixed_kernel(width, torch.tensor(float(frac)), rounding, gen(3))
+        kernels._apply(kernel, x, y)
         assert_bitexact(y, expected, x)
 
 
@@ -663,11 +662,11 @@ def test_c_kernels_agree_with_torch_kernels_bit_for_bit(rounding: str, backend: 
                    f32([0.0, -0.0, INF, -INF, NAN, 1e38, -1e38, 3e-45, -3e-45, 0.5, 1.5, 2.5, -2.5])])
     for name in NATIVE_CHECKED:
         native = quantize(x, name, rounding)
-        kernels, formats._kernels = formats._kernels, None
+        native_kernels, kernels._kernels = kernels._kernels, None
         try:
             reference = quantize(x, name, rounding)
         finally:
-            formats._kernels = kernels
+            kernels._kernels = native_kernels
         assert_bitexact(native, reference, x)
 
 
@@ -676,7 +675,7 @@ def test_c_kernels_give_the_same_bits_in_pieces_on_several_threads(monkeypatch: 
     for name in ("fx8.4", "fx24.6", "fp8-e5m2", "bf16", "e8m3", "e5m22"):
         for rounding in formats.ROUNDINGS:
             whole = quantize(x, name, rounding, gen(1))
-            monkeypatch.setattr(formats, "_PIECE", 1000)
+            monkeypatch.setattr(kernels, "_PIECE", 1000)
             torch.set_num_threads(3)
             try:
                 pieces = quantize(x, name, rounding, gen(1))
@@ -703,12 +702,12 @@ def test_c_kernels_on_a_large_output_at_an_odd_offset(monkeypatch: pytest.Monkey
     for name in ("fx8.4", "dfx8", "fp8-e4m3", "bf16", "e5m22"):
         for rounding in ("nearest", "zero"):
             quantize(x, name, rounding, out=out)
-            monkeypatch.setattr(formats, "_kernels", None)
+            monkeypatch.setattr(kernels, "_kernels", None)
             reference = quantize(x, name, rounding)
             monkeypatch.undo()
             assert_bitexact(out, reference, x)
         quantize(x, name, "stochastic", gen(3), out=out)
-        monkeypatch.setattr(formats, "_PIECE", 1000)
+        monkeypatch.setattr(kernels, "_PIECE", 1000)
         torch.set_num_threads(4)  # pieces of about 2^18 elements, below the streaming size
         try:
             pieces = quantize(x, name, "stochastic", gen(3))
@@ -720,19 +719,19 @@ def test_c_kernels_on_a_large_output_at_an_odd_offset(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_absmax_matches_torch_with_nan_inf_and_signed_zero(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(formats, "_PIECE", 1000)
+    monkeypatch.setattr(kernels, "_PIECE", 1000)
     torch.set_num_threads(threads)
     try:
         x = random_bits(10_001, -30, 30, 24)
-        assert formats.absmax_value(x) == x.abs().max().item()
-        assert formats.absmax_value(f32([-0.0, 0.0])) == 0.0
-        assert formats.absmax_value(f32([])) == 0.0
+        assert kernels.absmax_value(x) == x.abs().max().item()
+        assert kernels.absmax_value(f32([-0.0, 0.0])) == 0.0
+        assert kernels.absmax_value(f32([])) == 0.0
         for position in (0, 5_000, 10_000):
             special = x.clone()
             special[position] = -INF
-            assert formats.absmax_value(special) == INF
+            assert kernels.absmax_value(special) == INF
             special[position] = NAN
-            assert math.isnan(formats.absmax_value(special))
+            assert math.isnan(kernels.absmax_value(special))
     finally:
         torch.set_num_threads(1)
 
@@ -756,11 +755,11 @@ def test_pieces_all_finish_before_an_interrupt_is_raised(monkeypatch: pytest.Mon
         time.sleep(0.2)
         finished.append(start)
 
-    monkeypatch.setattr(formats, "_PIECE", 1000)
+    monkeypatch.setattr(kernels, "_PIECE", 1000)
     torch.set_num_threads(3)
     try:
         with pytest.raises(KeyboardInterrupt):
-            formats.in_pieces(job, 3000)
+            kernels.in_pieces(job, 3000)
     finally:
         torch.set_num_threads(1)
     assert sorted(finished) == [1024, 2048]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lpcli import formats
+from lpcli import kernels
 from lpcli.formats import FixedPoint, parse_format
 from lpcli.optim import KahanSGD, compensation_format
 from lpcli.recommend import Rules, compensation_rule
@@ -205,7 +205,7 @@ NATIVE_FORMATS = ["fx10.6", "fx24.20", "bf16", "fp16", "fp8-e4m3", "e5m22", "e8m
 @pytest.mark.parametrize("mode", ["kahan", "plain"])
 @pytest.mark.parametrize("fmt", NATIVE_FORMATS)
 def test_c_step_and_per_tensor_step_are_bit_identical(fmt, mode, momentum_format):
-    if formats._kernels is None:
+    if kernels._kernels is None:
         pytest.skip("the C kernels are not built")
     assert_same_run(_run(fmt, mode, foreach=None, momentum_format=momentum_format),
           _run(fmt, mode, foreach=False, momentum_format=momentum_format))
@@ -215,16 +215,16 @@ def test_c_step_and_per_tensor_step_are_bit_identical(fmt, mode, momentum_format
                                      {"momentum": 0.0, "nesterov": False}, {"diagnostics": False},
                                      {"comp_format": "fx10.14"}])
 def test_c_step_covers_each_option(options):
-    if formats._kernels is None:
+    if kernels._kernels is None:
         pytest.skip("the C kernels are not built")
     assert_same_run(_run("fx10.6", "kahan", foreach=None, **options), _run("fx10.6", "kahan", foreach=False, **options))
 
 
 def test_c_step_in_pieces_on_several_threads(monkeypatch):
-    if formats._kernels is None:
+    if kernels._kernels is None:
         pytest.skip("the C kernels are not built")
     whole = _run("bf16", "kahan", foreach=None, momentum_format="bf16")
-    monkeypatch.setattr(formats, "_PIECE", 1000)
+    monkeypatch.setattr(kernels, "_PIECE", 1000)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

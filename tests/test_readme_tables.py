@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lpcli.formats import kernel_backend
+from lpcli.kernels import kernel_backend
 
 from conftest import ROOT
 

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format, quantize
+from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format
+from lpcli.kernels import quantize
 from lpcli.recipe import load_recipe
 from lpcli.recommend import (
     Rules,

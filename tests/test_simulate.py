@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpcli.formats import parse_format, quantize
+from lpcli.formats import parse_format
+from lpcli.kernels import quantize
 from lpcli.simulate import Simulator
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from lpcli import Simulation, StatsCollector, load_plan, train_check
 from lpcli.data import batch_indices, load_data
 from lpcli.errors import InputError
-from lpcli.formats import parse_format, quantize
+from lpcli.formats import parse_format
+from lpcli.kernels import quantize
 from lpcli.models import ROOT, ownership, parameter_layers
 from lpcli.plan import TENSORS, Plan
 from lpcli.recipe import load_recipe

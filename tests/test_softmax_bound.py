@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from lpcli.data import batch_indices, load_data
-from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format, quantize
+from lpcli.formats import FixedPoint, Float32, FloatFormat, parse_format
+from lpcli.kernels import quantize
 from lpcli.recommend import (
     Rules,
     logit_gap,
