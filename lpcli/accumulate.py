@@ -424,8 +424,10 @@ class _Conv2d(torch.autograd.Function):
         out_h, out_w = geometry.output_size((x.shape[2], x.shape[3]), (kh, kw))
         pairs = conv2d_operands("forward", x, weight, bias, geometry)
         outputs = [gemms.product("forward", a, b).reshape(batch, out_h * out_w, -1) for a, b in pairs]
-        # The forward's columns (a column of ones first, with a bias) are the weight gradient's b.
-        ctx.save_for_backward(x, weight, *(a for a, _ in pairs))
+        # The forward's columns (a column of ones first, with a bias) are the weight gradient's b:
+        # kept only where a weight or bias gradient will be wanted (a frozen layer keeps none).
+        wanted = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ctx.save_for_backward(x, weight, *(a for a, _ in pairs if wanted))
         ctx.geometry, ctx.gemms, ctx.has_bias = geometry, gemms, bias is not None
         y = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
         return y.transpose(1, 2).reshape(batch, out_channels, out_h, out_w)

@@ -464,7 +464,7 @@ def accumulator_format(growth: dict[str, Any], chunk: int | None, rules: Rules,
     the mantissa is too short for the growth of the sum's spread over its addends' (for
     independent addends ``1/2 log2 n`` bits), and that chunking splits that growth. lpcli's
     rule (its own) takes the growth measured in the stats instead of assuming independent
-    addends, and calibrates its one constant against ``benchmarks/accumulator_sweep.py``:
+    addends, and calibrates its guard bits against ``benchmarks/accumulator_sweep.py``:
 
     * float: mantissa bits = ``ceil(log2(growth))`` + ``accumulator_float_guard`` (for the
       ``input_grad`` GEMM, ``kind``: ``accumulator_error_guard``), the growth being the

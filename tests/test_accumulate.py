@@ -391,6 +391,24 @@ def test_conv2d_sums_each_gemm_in_the_documented_order():
     assert torch.equal(dx.permute(0, 2, 3, 1).reshape(-1, 2), torch.tensor(expected))
 
 
+def test_conv2d_of_a_frozen_layer_keeps_no_columns_and_still_passes_the_error_back():
+    """Without a weight or bias gradient the forward's columns are not kept (they are the
+    weight gradient's operand alone); the input gradient is torch's all the same."""
+    g = torch.Generator().manual_seed(4)
+    x = _dyadic((2, 3, 6, 6), g).requires_grad_()
+    w, b = _dyadic((4, 3, 3, 3), g), _dyadic((4,), g)
+    wide = FixedPoint(24, 8)
+    y = conv2d(x, w, b, 1, 1, formats=GemmFormats(wide, wide, wide), chunk=4)
+    assert len(y.grad_fn.saved_tensors) == 2  # x and the weight
+    grad = _dyadic(y.shape, g)
+    y.backward(grad)
+    x0 = x.detach().clone().requires_grad_()
+    torch.nn.functional.conv2d(x0, w, b, 1, 1).backward(grad)
+    assert torch.equal(x.grad, x0.grad)
+    trained = conv2d(x, w.clone().requires_grad_(), b, 1, 1, formats=GemmFormats(wide, wide, wide), chunk=4)
+    assert len(trained.grad_fn.saved_tensors) == 3  # and the columns
+
+
 def test_conv2d_refuses_what_it_cannot_compute():
     x, w = torch.zeros(1, 4, 5, 5), torch.zeros(2, 3, 3, 3)
     with pytest.raises(ValueError, match="does not fit"):
