@@ -1,7 +1,7 @@
-/* Fused CPU kernels for lpcli: the quantizers of formats.py in one pass over memory.
+/* Fused CPU kernels for lpcli: the quantizers of kernels.py in one pass over memory.
  *
  * Each kernel performs, element by element, the same IEEE operations in the same order
- * as the torch kernel it replaces in formats.py (clamps, magic-number additions, exact
+ * as the torch kernel it replaces in kernels.py (clamps, magic-number additions, exact
  * power-of-two scalings, integer arithmetic on float32 bit patterns), so the results
  * agree bit for bit; tests/test_formats.py checks both against the oracles and against
  * each other. The build disables contraction (-ffp-contract=off): a fused multiply-add
@@ -12,13 +12,15 @@
  * torch.Generator (one draw per call), so a seed still fixes every result, and any
  * split of the tensor into pieces gives the same numbers.
  *
- * The module takes raw addresses from Python (tensor.data_ptr()); formats.py checks
- * dtype, contiguity, device and size before calling. The GIL is released while a
- * kernel runs so that pieces of one tensor can run on several threads.
+ * The module takes raw addresses from Python (tensor.data_ptr()); kernels.addresses checks
+ * dtype, contiguity, device and size before every call. Quantizers come as dicts of named
+ * fields (kernels.native_spec), read through the field tables of parse_quantizer. The GIL
+ * is released while a kernel runs so that pieces of one tensor can run on several threads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -223,6 +225,29 @@ static void nearest_run(const float *restrict x, float *restrict y, int64_t n, c
     else FOR_EACH(float_nearest(xi, scale, max_value, up, down, low_field, high_field, 0))
 }
 
+/* fp16, nearest: the CPU's own conversion (F16C: IEEE round to nearest even, subnormals,
+ * overflow to inf), there and back, where the CPU has it; nearest_run elsewhere. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_F16C_PATH 1
+__attribute__((target("avx,f16c"))) static void fp16_run(const float *restrict x, float *restrict y, int64_t n,
+                                                          const void *args, uint64_t offset) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(h));
+    }
+    for (; i < n; i++) {
+        const __m128i h = _mm_cvtps_ph(_mm_set_ss(x[i]), _MM_FROUND_TO_NEAREST_INT);
+        y[i] = _mm_cvtss_f32(_mm_cvtph_ps(h));
+    }
+}
+static int have_f16c(void) { return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c"); }
+#else
+#define HAVE_F16C_PATH 0
+static int have_f16c(void) { return 0; }
+#endif
+
 /* --- floats with E <= 7, any rounding: exponent arithmetic ------------------------------ */
 
 /* The parameters as kernels._general_params gives them (float32 layout for M <= 21,
@@ -316,6 +341,105 @@ static uint32_t absmax_bits(const float *restrict x, int64_t n) {
     return m;
 }
 
+/* --- MX block formats: a shared power-of-two scale per block -------------------------- */
+
+enum { MX_FIXED = 0, MX_NEAREST = 1, MX_GENERAL = 2 };
+
+typedef struct {
+    int64_t row, block; /* the blocks run along rows of `row` elements; a row's last block may be shorter */
+    int emax, element, mode;
+    uint32_t key0, key1;
+    FixedArgs fixed;     /* MX_FIXED: int8, symmetric, saturating */
+    NearestArgs nearest; /* MX_NEAREST: float elements, nearest, saturating (finite) */
+    GeneralArgs general; /* MX_GENERAL: float elements, zero or stochastic, saturating */
+} MxArgs;
+
+/* 2^e for e in [-127, 127] (2^-127 is subnormal) */
+ALWAYS_INLINE float pow2_e8m0(int e) { return e > -127 ? float_of((uint32_t)(e + 127) << 23) : float_of(1U << 22); }
+
+/* The block's shared exponent: floor(log2) of its largest finite magnitude (the exponent
+ * field: subnormals and zero give -127) minus emax, clamped to [-127, 127] (a finite amax
+ * never reaches the top). The largest pattern first; only a block with inf or NaN is read
+ * again, leaving them out. */
+ALWAYS_INLINE int block_exponent(const float *restrict x, int64_t n, int emax) {
+    int32_t m = 0; /* signed: the magnitudes' patterns fit, and signed compares vectorize */
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t b = (int32_t)(bits_of(x[i]) & 0x7fffffffU);
+        m = b > m ? b : m;
+    }
+    if (__builtin_expect(m >= 0x7f800000, 0)) {
+        m = 0;
+        for (int64_t i = 0; i < n; i++) {
+            int32_t b = (int32_t)(bits_of(x[i]) & 0x7fffffffU);
+            b = b < 0x7f800000 ? b : 0;
+            m = b > m ? b : m;
+        }
+    }
+    const int e = (m >> 23) - 127 - emax;
+    return e < -127 ? -127 : e;
+}
+
+/* An MX float element, nearest: float_nearest for a saturating format, with the clamp
+ * written so that NaN passes through it (and through the rounding) unchanged. */
+ALWAYS_INLINE float mx_float_nearest(float v, float scale, float max_value, uint32_t low_field, uint32_t high_field) {
+    const float below = v > max_value ? max_value : v;
+    const float src = below < -max_value ? -max_value : below;
+    uint32_t field = bits_of(src) & 0x7f800000U;
+    field = field < low_field ? low_field : (field > high_field ? high_field : field);
+    const float c = float_of(field) * scale;
+    return copysignf((src + c) - c, src);
+}
+
+/* One block of n elements at (r0, b0): y = 2^e * Q(x * 2^-e), Q an element function of
+ * v = xi * inv (both scalings exact, as in kernels._torch_blocks). */
+#define MX_BLOCK(LOOP, element, count)                                                    \
+    {                                                                                     \
+        const int64_t n = (count);                                                        \
+        const float *restrict x = src + r0 + b0;                                          \
+        float *restrict y = dst + r0 + b0;                                                \
+        const uint64_t offset = base + (uint64_t)(r0 + b0);                               \
+        const int e = block_exponent(x, n, emax);                                         \
+        const float inv = pow2_e8m0(-e), up = pow2_e8m0(e);                               \
+        (void)offset;                                                                     \
+        LOOP(element * up)                                                                \
+    }
+
+/* Every block of x[0, total) (a whole number of rows); blocks of 32 with a constant count,
+ * so that their loops vectorize without remainders. */
+#define MX_BLOCKS(LOOP, element)                                                          \
+    for (int64_t r0 = 0; r0 < total; r0 += row) {                                         \
+        int64_t b0 = 0;                                                                   \
+        if (block == 32)                                                                  \
+            for (; b0 + 32 <= row; b0 += 32) MX_BLOCK(LOOP, element, 32)                  \
+        for (; b0 < row; b0 += block) MX_BLOCK(LOOP, element, row - b0 < block ? row - b0 : block) \
+    }
+
+MULTIVERSION
+static void mx_run(const float *restrict src, float *restrict dst, int64_t total, const void *args, uint64_t base) {
+    const MxArgs *a = args; /* copied into locals: y must not seem to alias them */
+    const uint32_t key0 = a->key0, key1 = a->key1;
+    const int64_t row = a->row, block = a->block;
+    const int emax = a->emax;
+    if (a->element == MX_FIXED) {
+        const FixedArgs *f = &a->fixed;
+        const float lo = f->lo, hi = f->hi, step = f->step, scale = f->scale;
+        if (a->mode == NEAREST) MX_BLOCKS(FOR_EACH, fixed_nearest(xi * inv, lo, hi, scale, step, 1))
+        else if (a->mode == ZERO) MX_BLOCKS(FOR_EACH, fixed_zero(xi * inv, lo, hi, scale, step, 1))
+        else MX_BLOCKS(FOR_RANDOM, fixed_stochastic(xi * inv, lo, hi, scale, step, 1, r))
+    } else if (a->element == MX_NEAREST) {
+        const float scale = a->nearest.scale, max_value = a->nearest.max_value;
+        const uint32_t low_field = a->nearest.low_field, high_field = a->nearest.high_field;
+        MX_BLOCKS(FOR_EACH, mx_float_nearest(xi * inv, scale, max_value, low_field, high_field))
+    } else {
+        const GeneralArgs *f = &a->general;
+        const general32_one_params g = {(float)f->limit, 1.0f, 1.0f, 0.0f, 0.0f, (int32_t)f->low_field,
+                                        (int32_t)f->high_field, (int32_t)f->offset_field};
+        const uint32_t r = 0;
+        if (a->mode == ZERO) MX_BLOCKS(FOR_EACH, general32_one(xi * inv, &g, ZERO, 0, 0, r))
+        else MX_BLOCKS(FOR_RANDOM, general32_one(xi * inv, &g, STOCHASTIC, 0, 0, r))
+    }
+}
+
 /* --- a quantizer chosen at run time --------------------------------------------------- */
 
 typedef void (*RunFn)(const float *restrict, float *restrict, int64_t, const void *, uint64_t);
@@ -327,10 +451,9 @@ typedef struct {
         E8Args e8;
         NearestArgs nearest;
         GeneralArgs general;
+        MxArgs mx;
     } args;
 } Quantizer;
-
-enum { KIND_FP32 = 0, KIND_FIXED = 1, KIND_E8 = 2, KIND_NEAREST = 3, KIND_GENERAL = 4 };
 
 static void quantize_block(const Quantizer *q, const float *restrict x, float *restrict y, int64_t n,
                            uint64_t offset) {
@@ -666,63 +789,170 @@ static long long as_long(PyObject *o) { return PyLong_AsLongLong(o); }
 static unsigned long long as_ulong(PyObject *o) { return PyLong_AsUnsignedLongLong(o); }
 static void *as_pointer(PyObject *o) { return (void *)(uintptr_t)PyLong_AsUnsignedLongLong(o); }
 
-/* A quantizer from kernels.native_spec: (kind, mode, key, parameters...). */
-static int parse_quantizer(PyObject *spec, Quantizer *q) {
-    static const Py_ssize_t sizes[] = {3, 8, 5, 10, 14};
-    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 3) {
-        PyErr_SetString(PyExc_TypeError, "a quantizer spec is a tuple (kind, mode, key, ...)");
+/* A quantizer from kernels.native_spec: a dict {"kind": name, "mode": 0..2, "key": the
+ * stochastic key, and the kind's fields by name}. The tables below are the one place the
+ * fields are listed; a missing or unknown field is an error that names it. */
+typedef enum { T_F32, T_F64, T_INT, T_I64, T_U32 } FieldType;
+
+typedef struct {
+    const char *name;
+    FieldType type;
+    size_t offset;
+} Field;
+
+#define FIELD(S, name, type) {#name, type, offsetof(S, name)}
+static const Field fixed_fields[] = {FIELD(FixedArgs, lo, T_F32), FIELD(FixedArgs, hi, T_F32),
+                                     FIELD(FixedArgs, step, T_F32), FIELD(FixedArgs, scale, T_F32),
+                                     FIELD(FixedArgs, saturate, T_INT)};
+static const Field e8_fields[] = {FIELD(E8Args, drop, T_INT), FIELD(E8Args, max_value, T_F32)};
+static const Field nearest_fields[] = {
+    FIELD(NearestArgs, scale, T_F32),           FIELD(NearestArgs, max_value, T_F32),
+    FIELD(NearestArgs, overflow_scale, T_F32),  FIELD(NearestArgs, overflow_unscale, T_F32),
+    FIELD(NearestArgs, low_field, T_U32),       FIELD(NearestArgs, high_field, T_U32),
+    FIELD(NearestArgs, finite, T_INT)};
+static const Field general_fields[] = {
+    FIELD(GeneralArgs, limit, T_F64),          FIELD(GeneralArgs, low_field, T_I64),
+    FIELD(GeneralArgs, high_field, T_I64),     FIELD(GeneralArgs, offset_field, T_I64),
+    FIELD(GeneralArgs, overflow_scale, T_F64), FIELD(GeneralArgs, overflow_unscale, T_F64),
+    FIELD(GeneralArgs, inf_scale1, T_F64),     FIELD(GeneralArgs, inf_scale2, T_F64),
+    FIELD(GeneralArgs, to_inf, T_INT),         FIELD(GeneralArgs, keep_inf, T_INT)};
+static const Field mx_fields[] = {FIELD(MxArgs, row, T_I64), FIELD(MxArgs, block, T_I64),
+                                  FIELD(MxArgs, emax, T_INT)};
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+static int read_fields(PyObject *spec, const char *kind, const Field *fields, size_t count, void *out,
+                       Py_ssize_t others) {
+    if (PyDict_GET_SIZE(spec) != (Py_ssize_t)count + others) {
+        PyErr_Format(PyExc_ValueError, "quantizer spec '%s' has %zd fields, expected %zd", kind,
+                     PyDict_GET_SIZE(spec), (Py_ssize_t)count + others);
         return -1;
     }
-    PyObject **v = &PyTuple_GET_ITEM(spec, 0);
-    const long long kind = as_long(v[0]);
-    const int mode = (int)as_long(v[1]);
-    const unsigned long long key = as_ulong(v[2]);
+    for (size_t i = 0; i < count; i++) {
+        PyObject *v = PyDict_GetItemString(spec, fields[i].name);
+        if (!v) {
+            PyErr_Format(PyExc_ValueError, "quantizer spec '%s' lacks '%s'", kind, fields[i].name);
+            return -1;
+        }
+        char *at = (char *)out + fields[i].offset;
+        switch (fields[i].type) {
+        case T_F32: *(float *)at = (float)PyFloat_AsDouble(v); break;
+        case T_F64: *(double *)at = PyFloat_AsDouble(v); break;
+        case T_INT: *(int *)at = (int)PyLong_AsLong(v); break;
+        case T_I64: *(int64_t *)at = (int64_t)PyLong_AsLongLong(v); break;
+        case T_U32: *(uint32_t *)at = (uint32_t)PyLong_AsUnsignedLong(v); break;
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "quantizer spec '%s': field '%s' has the wrong type", kind, fields[i].name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int kind_is(PyObject *kind, const char *name) {
+    return PyUnicode_Check(kind) && PyUnicode_CompareWithASCIIString(kind, name) == 0;
+}
+
+/* blocks: whether block (MX) kinds are allowed: quantize takes whole rows; quantize_count,
+ * the optimizer steps and an MX block's elements round pieces that need not be rows. */
+static int parse_quantizer(PyObject *spec, Quantizer *q, int blocks) {
+    if (!PyDict_Check(spec)) {
+        PyErr_SetString(PyExc_TypeError, "a quantizer spec is a dict with 'kind', 'mode', 'key' and its fields");
+        return -1;
+    }
+    PyObject *kind = PyDict_GetItemString(spec, "kind"), *mode_o = PyDict_GetItemString(spec, "mode"),
+             *key_o = PyDict_GetItemString(spec, "key");
+    if (!kind || !mode_o || !key_o) {
+        PyErr_SetString(PyExc_ValueError, "a quantizer spec needs 'kind', 'mode' and 'key'");
+        return -1;
+    }
+    const int mode = (int)PyLong_AsLong(mode_o);
+    const unsigned long long key = PyLong_AsUnsignedLongLong(key_o);
     if (PyErr_Occurred()) return -1;
-    if (kind < 0 || kind > KIND_GENERAL || PyTuple_GET_SIZE(spec) != sizes[kind] || mode < 0 || mode > 2) {
-        PyErr_SetString(PyExc_ValueError, "malformed quantizer spec");
+    if (mode < NEAREST || mode > STOCHASTIC) {
+        PyErr_Format(PyExc_ValueError, "quantizer spec: mode must be 0..2, got %d", mode);
         return -1;
     }
     const uint32_t key0 = (uint32_t)key, key1 = (uint32_t)(key >> 32);
     memset(q, 0, sizeof *q);
-    switch (kind) {
-    case KIND_FP32:
+    if (kind_is(kind, "fp32")) {
         q->run = NULL;
-        break;
-    case KIND_FIXED:
+        return read_fields(spec, "fp32", NULL, 0, NULL, 3);
+    }
+    if (kind_is(kind, "fixed")) {
         q->run = fixed_run;
-        q->args.fixed = (FixedArgs){(float)as_double(v[3]), (float)as_double(v[4]), (float)as_double(v[5]),
-                                    (float)as_double(v[6]), mode, (int)as_long(v[7]), key0, key1};
-        break;
-    case KIND_E8:
+        FixedArgs *a = &q->args.fixed;
+        a->mode = mode, a->key0 = key0, a->key1 = key1;
+        return read_fields(spec, "fixed", fixed_fields, COUNT(fixed_fields), a, 3);
+    }
+    if (kind_is(kind, "e8")) {
         q->run = e8_run;
-        q->args.e8 = (E8Args){(int)as_long(v[3]), mode, (float)as_double(v[4]), key0, key1};
-        if (!PyErr_Occurred() && (q->args.e8.drop < 1 || q->args.e8.drop > 23)) {
-            PyErr_SetString(PyExc_ValueError, "e8: drop must be 1..23");
+        E8Args *a = &q->args.e8;
+        a->mode = mode, a->key0 = key0, a->key1 = key1;
+        if (read_fields(spec, "e8", e8_fields, COUNT(e8_fields), a, 3)) return -1;
+        if (a->drop < 1 || a->drop > 23) {
+            PyErr_SetString(PyExc_ValueError, "quantizer spec 'e8': drop must be 1..23");
             return -1;
         }
-        break;
-    case KIND_NEAREST:
-        q->run = nearest_run;
-        q->args.nearest = (NearestArgs){(float)as_double(v[3]), (float)as_double(v[4]), (float)as_double(v[5]),
-                                        (float)as_double(v[6]), (uint32_t)as_long(v[7]), (uint32_t)as_long(v[8]),
-                                        (int)as_long(v[9])};
-        break;
-    default: /* KIND_GENERAL: wide first */
-        q->run = as_long(v[3]) ? general64_run : general32_run;
-        q->args.general = (GeneralArgs){as_double(v[4]),  as_long(v[5]),        as_long(v[6]),
-                                        as_long(v[7]),    as_double(v[8]),      as_double(v[9]),
-                                        as_double(v[10]), as_double(v[11]),     mode,
-                                        (int)as_long(v[12]), (int)as_long(v[13]), key0,
-                                        key1};
+        return 0;
     }
-    return PyErr_Occurred() ? -1 : 0;
+    if (kind_is(kind, "nearest")) {
+        q->run = nearest_run;
+        return read_fields(spec, "nearest", nearest_fields, COUNT(nearest_fields), &q->args.nearest, 3);
+    }
+    if (kind_is(kind, "fp16")) { /* nearest's fields, for the CPUs without F16C */
+        q->run = nearest_run;
+#if HAVE_F16C_PATH
+        if (have_f16c()) q->run = fp16_run;
+#endif
+        return read_fields(spec, "fp16", nearest_fields, COUNT(nearest_fields), &q->args.nearest, 3);
+    }
+    if (kind_is(kind, "general") || kind_is(kind, "general64")) {
+        const int wide = kind_is(kind, "general64");
+        q->run = wide ? general64_run : general32_run;
+        GeneralArgs *a = &q->args.general;
+        a->mode = mode, a->key0 = key0, a->key1 = key1;
+        return read_fields(spec, wide ? "general64" : "general", general_fields, COUNT(general_fields), a, 3);
+    }
+    if (kind_is(kind, "mx") && blocks) {
+        q->run = mx_run;
+        MxArgs *a = &q->args.mx;
+        a->mode = mode, a->key0 = key0, a->key1 = key1;
+        if (read_fields(spec, "mx", mx_fields, COUNT(mx_fields), a, 4)) return -1;
+        PyObject *element = PyDict_GetItemString(spec, "element");
+        Quantizer e;
+        if (!element) {
+            PyErr_SetString(PyExc_ValueError, "quantizer spec 'mx' lacks 'element'");
+            return -1;
+        }
+        if (parse_quantizer(element, &e, 0)) return -1;
+        if (e.run == fixed_run && e.args.fixed.saturate) {
+            a->element = MX_FIXED, a->fixed = e.args.fixed;
+        } else if (e.run == nearest_run && e.args.nearest.finite && mode == NEAREST) {
+            a->element = MX_NEAREST, a->nearest = e.args.nearest;
+        } else if (e.run == general32_run && !e.args.general.to_inf && !e.args.general.keep_inf && mode != NEAREST) {
+            a->element = MX_GENERAL, a->general = e.args.general;
+        } else {
+            PyErr_SetString(PyExc_ValueError, "quantizer spec 'mx': the element must be a saturating fixed, "
+                                              "nearest or general quantizer with the block's mode");
+            return -1;
+        }
+        if (a->row < 1 || a->block < 1 || a->emax < 0 || a->emax > 127) {
+            PyErr_SetString(PyExc_ValueError, "quantizer spec 'mx': row and block must be >= 1, emax 0..127");
+            return -1;
+        }
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "quantizer spec: unknown kind %R%s", kind,
+                 kind_is(kind, "mx") ? " (block formats round whole rows: quantize only)" : "");
+    return -1;
 }
 
 /* quantize(src, dst, n, spec, offset): y = Q(x) over n elements; offset: the index of the
  * first element in the whole tensor (it picks the random numbers of stochastic rounding). */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Quantizer q;
-    if (check_nargs(nargs, 5, "quantize") || parse_quantizer(args[3], &q)) return NULL;
+    if (check_nargs(nargs, 5, "quantize") || parse_quantizer(args[3], &q, 1)) return NULL;
     const float *x = as_pointer(args[0]);
     float *y = as_pointer(args[1]);
     const long long n = as_long(args[2]);
@@ -736,7 +966,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n
  * c_lo, c_hi. */
 static int parse_store(Store *st, PyObject *w, PyObject *c, PyObject *intended, PyObject *flags,
                        PyObject *wspec, PyObject *cspec, PyObject *c_lo, PyObject *c_hi) {
-    if (parse_quantizer(wspec, &st->wq) || parse_quantizer(cspec, &st->cq)) return -1;
+    if (parse_quantizer(wspec, &st->wq, 0) || parse_quantizer(cspec, &st->cq, 0)) return -1;
     st->w = as_pointer(w);
     st->c = as_pointer(c);
     st->intended = as_pointer(intended);
@@ -757,7 +987,7 @@ static PyObject *py_sgd_step(PyObject *self, PyObject *const *args, Py_ssize_t n
     SgdStep st;
     if (check_nargs(nargs, 15, "sgd_step") ||
         parse_store(&st.store, args[0], args[3], args[4], args[9], args[10], args[11], args[13], args[14]) ||
-        parse_quantizer(args[12], &st.mq))
+        parse_quantizer(args[12], &st.mq, 0))
         return NULL;
     st.g = as_pointer(args[1]);
     st.m = as_pointer(args[2]);
@@ -777,7 +1007,7 @@ static PyObject *py_adam_step(PyObject *self, PyObject *const *args, Py_ssize_t 
     AdamStep st;
     if (check_nargs(nargs, 21, "adam_step") ||
         parse_store(&st.store, args[0], args[4], args[5], args[14], args[15], args[16], args[19], args[20]) ||
-        parse_quantizer(args[17], &st.mq) || parse_quantizer(args[18], &st.vq))
+        parse_quantizer(args[17], &st.mq, 0) || parse_quantizer(args[18], &st.vq, 0))
         return NULL;
     st.g = as_pointer(args[1]);
     st.m = as_pointer(args[2]);
@@ -795,7 +1025,7 @@ static PyObject *py_adam_step(PyObject *self, PyObject *const *args, Py_ssize_t 
  * [lo, hi], extra flag: 0 or 1); dst 0: count only (y: the rounding, unwritten); dst = src: in place. */
 static PyObject *py_quantize_count(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Quantizer q;
-    if (check_nargs(nargs, 8, "quantize_count") || parse_quantizer(args[3], &q)) return NULL;
+    if (check_nargs(nargs, 8, "quantize_count") || parse_quantizer(args[3], &q, 0)) return NULL;
     float *x = as_pointer(args[0]);
     float *y = as_pointer(args[1]);
     const long long n = as_long(args[2]);

@@ -89,7 +89,7 @@ def _matmul_native(a: torch.Tensor, b: torch.Tensor, fmt: Format,
     out = torch.empty(m, n, dtype=torch.float32)
     is_float = isinstance(fmt, FloatFormat)
     swamped, saturated = native.accumulate(
-        a.data_ptr(), b.data_ptr(), out.data_ptr(), m, k, n, chunk, int(is_float),
+        *kernels.addresses((a, m * k), (b, k * n), (out, m * n)), m, k, n, chunk, int(is_float),
         0 if is_float else fmt.frac, fmt.man if is_float else 0, fmt.emin if is_float else 0,
         float(fmt.min_value), float(fmt.max_value), int(is_float and not fmt.finite))
     return out, AccumulationCounts(m * n * (k - 1), swamped, saturated)

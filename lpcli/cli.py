@@ -22,7 +22,7 @@ from . import __version__
 from .distributed import is_main_process
 from .errors import InputError, Interrupted
 from .files import dumps, read_document, write_document
-from .formats import ALIASES, FormatError, parse_format
+from .formats import ALIASES, MX_ELEMENTS, BlockFormat, FormatError, parse_format
 from .plan import Plan, plan_from_document
 from .recipe import Recipe, bundled_recipes, load_recipe
 from .recommend import Rules, RulesError, recommend
@@ -427,26 +427,33 @@ def train_check_command(
 @handle_errors
 def formats_command(as_json: JsonOpt = False) -> None:
     """List the number-format spellings with their ranges."""
-    examples = ["fx8.7", "fx16.8", "dfx8", "e5m2", "e4m3fn", "e3m4"]
+    examples = ["fx8.7", "fx16.8", "dfx8", "e5m2", "e4m3fn", "e3m4", *(f"mx{e}" for e in MX_ELEMENTS), "mxfp4-e2m1/16"]
     rows = []
     for spec in ["fp32", *ALIASES, *examples]:
         fmt = parse_format(spec)
+        block = isinstance(fmt, BlockFormat)
         rows.append({"format": spec, "canonical": str(fmt), "bits": fmt.width,
-                     "max": getattr(fmt, "max_value", None), "smallest step": getattr(fmt, "step", None)})
+                     "stored bits": fmt.storage_bits if block else fmt.width,
+                     "max": None if block else getattr(fmt, "max_value", None),
+                     "smallest step": None if block else getattr(fmt, "step", None),
+                     "scaled": "per block" if block else "per tensor"})
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     from rich.table import Table
 
     table = Table(title="Number formats", title_justify="left")
-    for col in ("format", "bits", "largest finite", "smallest step"):
+    for col in ("format", "bits", "stored bits", "largest finite", "smallest step"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["format"], str(row["bits"]), "per tensor" if row["max"] is None else f"{row['max']:g}",
-                      "per tensor" if row["smallest step"] is None else f"{row['smallest step']:g}")
+        table.add_row(row["format"], str(row["bits"]), f"{row['stored bits']:g}",
+                      row["scaled"] if row["max"] is None else f"{row['max']:g}",
+                      row["scaled"] if row["smallest step"] is None else f"{row['smallest step']:g}")
     stdout.print(table)
     stdout.print("fx<W>.<F>: W bits with sign, F fraction bits (2 <= W <= 24). dfx<W>: fraction bits per tensor from "
-                 "its maximum. e<E>m<M>: IEEE-style float; e<E>m<M>fn: no infinities, saturating.")
+                 "its maximum. e<E>m<M>: IEEE-style float; e<E>m<M>fn: no infinities, saturating. mx<element>[/<B>]: "
+                 "OCP MX, blocks of B elements (default 32) sharing an 8-bit power-of-two scale; lpcli.quantize "
+                 "rounds onto them, training does not simulate them yet.", markup=False)
 
 
 def version_callback(value: bool) -> None:

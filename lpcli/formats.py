@@ -20,6 +20,10 @@ Spellings (``parse_format`` accepts them, ``str(fmt)`` writes them):
   E = 8 is rejected (its range would pass float32's).
 * aliases: ``fp32`` (no quantization), ``fp16``, ``bf16``, ``fp8-e4m3``, ``fp8-e5m2``,
   ``fp6-e2m3``, ``fp6-e3m2``, ``fp4-e2m1``.
+* ``mx<element>[/<B>]`` block-scaled (OCP Microscaling v1.0): ``mxfp8-e4m3``,
+  ``mxfp8-e5m2``, ``mxfp6-e3m2``, ``mxfp6-e2m3``, ``mxfp4-e2m1``, ``mxint8``; blocks of B
+  elements (default 32, e.g. ``mxfp4-e2m1/16``) share one power-of-two scale (see
+  :class:`BlockFormat`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,20 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
-ROUNDINGS = ("nearest", "stochastic", "zero")
+
+class Rounding(StrEnum):
+    """How a value between two neighbours on a format's grid is rounded (see lpcli.kernels)."""
+
+    NEAREST = "nearest"  # ties to even
+    STOCHASTIC = "stochastic"
+    ZERO = "zero"
+
+
+ROUNDINGS = tuple(Rounding)
 MAX_FIXED_WIDTH = 24  # float32 holds 24 significant bits
 
 
@@ -193,7 +207,67 @@ class Float32:
         return "fp32"
 
 
-Format = FixedPoint | DynamicFixedPoint | FloatFormat | Float32
+@dataclass(frozen=True)
+class BlockFormat:
+    """OCP Microscaling (MX): each block of ``block`` consecutive elements shares a scale.
+
+    A block's scale is ``X = 2^e``, ``e = floor(log2 amax) - emax_elem`` clamped to
+    [-127, 127] (E8M0), with amax the largest finite magnitude in the block (an all-zero
+    block gets e = -127); each element is ``X * Q(v / X)``, Q rounding onto the element
+    format and saturating at its largest value (FLOOR scaling can put ``amax / X`` above
+    it). NaN stays NaN and does not enter amax; inf saturates like any value beyond the
+    range. ``int8`` elements are ``k * 2^-6`` with k in [-127, 127].
+    """
+
+    element: str  # a key of MX_ELEMENTS
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        if self.element not in MX_ELEMENTS:
+            raise FormatError(f"unknown MX element {self.element!r}; use one of {', '.join(MX_ELEMENTS)}")
+        if not 1 <= self.block <= MAX_BLOCK:
+            raise FormatError(f"MX block size must be 1..{MAX_BLOCK}, got {self.block}")
+
+    @property
+    def element_format(self) -> FloatFormat | FixedPoint:
+        return MX_ELEMENTS[self.element][0]
+
+    @property
+    def emax(self) -> int:
+        """The exponent of the element format's largest power of two (the spec's emax_elem)."""
+        return MX_ELEMENTS[self.element][1]
+
+    @property
+    def element_max(self) -> float:
+        """The largest element magnitude (int8: 127 * 2^-6, the symmetric range)."""
+        return self.element_format.max_value
+
+    @property
+    def width(self) -> int:
+        """Bits per element, the shared scale not counted (see :attr:`storage_bits`)."""
+        return self.element_format.width
+
+    @property
+    def storage_bits(self) -> float:
+        """Bits stored per element: the element and its share of the block's 8-bit scale."""
+        return self.width + 8 / self.block
+
+    def __str__(self) -> str:
+        return f"mx{self.element}" + ("" if self.block == 32 else f"/{self.block}")
+
+
+MAX_BLOCK = 1 << 16
+# element name -> (element format, emax_elem); int8's elements k * 2^-6 are fx8.6 without -128
+MX_ELEMENTS: dict[str, tuple[FloatFormat | FixedPoint, int]] = {
+    "fp8-e4m3": (FloatFormat(4, 3, finite=True), 8),
+    "fp8-e5m2": (FloatFormat(5, 2), 15),
+    "fp6-e3m2": (FloatFormat(3, 2, finite=True), 4),
+    "fp6-e2m3": (FloatFormat(2, 3, finite=True), 2),
+    "fp4-e2m1": (FloatFormat(2, 1, finite=True), 2),
+    "int8": (FixedPoint(8, 6), 0),
+}
+
+Format = FixedPoint | DynamicFixedPoint | FloatFormat | Float32 | BlockFormat
 
 ALIASES: dict[str, Format] = {
     "fp16": FloatFormat(5, 10),
@@ -208,16 +282,18 @@ ALIASES: dict[str, Format] = {
 _FIXED = re.compile(r"fx(\d+)\.(-?\d+)")
 _DYNAMIC = re.compile(r"dfx(\d+)")
 _FLOAT = re.compile(r"e(\d+)m(\d+)(fn)?")
+_BLOCK = re.compile(r"mx([a-z0-9-]+?)(?:/(\d+))?")
 
 ACCEPTED_FORMS = (
     "fx<W>.<F> (fixed point, e.g. fx8.7), dfx<W> (dynamic fixed point, e.g. dfx8), "
-    "e<E>m<M>[fn] (float, e.g. e4m3fn), or one of fp32, " + ", ".join(ALIASES)
+    "e<E>m<M>[fn] (float, e.g. e4m3fn), mx<element>[/<block>] (MX block-scaled, e.g. mxfp8-e4m3, "
+    "mxint8/16), or one of fp32, " + ", ".join(ALIASES)
 )
 
 
 def parse_format(spec: str | Format) -> Format:
     """Parse a format string; raise :class:`FormatError` listing the accepted forms."""
-    if isinstance(spec, (FixedPoint, DynamicFixedPoint, FloatFormat, Float32)):
+    if isinstance(spec, (FixedPoint, DynamicFixedPoint, FloatFormat, Float32, BlockFormat)):
         return spec
     if not isinstance(spec, str):
         raise FormatError(f"a format must be a string, got {type(spec).__name__} {spec!r}; use {ACCEPTED_FORMS}")
@@ -233,9 +309,21 @@ def parse_format(spec: str | Format) -> Format:
             return DynamicFixedPoint(int(m[1]))
         if m := _FLOAT.fullmatch(text):
             return FloatFormat(int(m[1]), int(m[2]), finite=bool(m[3]))
+        if m := _BLOCK.fullmatch(text):
+            return BlockFormat(m[1], 32 if m[2] is None else int(m[2]))
     except FormatError as exc:
         raise FormatError(f"{spec!r}: {exc}") from None
     raise FormatError(f"unknown format {spec!r}; use {ACCEPTED_FORMS}")
+
+
+def element_format(spec: str | Format) -> Format:
+    """:func:`parse_format` where values are rounded one at a time (plans, optimizers): a
+    block (MX) format is refused until training simulates block formats."""
+    fmt = parse_format(spec)
+    if isinstance(fmt, BlockFormat):
+        raise FormatError(f"{str(fmt)!r} is a block (MX) format: training does not simulate block formats yet "
+                          "(lpcli.quantize rounds onto them); use a fixed-point or float format")
+    return fmt
 
 
 def pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -245,7 +333,7 @@ def pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 def saturated(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Boolean mask of the finite values outside the format's range (clipped or made inf)."""
-    if isinstance(fmt, (Float32, DynamicFixedPoint)):
+    if isinstance(fmt, (Float32, DynamicFixedPoint, BlockFormat)):
         return torch.zeros_like(x, dtype=torch.bool)
     return (x > fmt.max_value) | (x < fmt.min_value)
 
@@ -259,4 +347,9 @@ def lsb(fmt: Format, value: float = 1.0) -> float:
         return math.ldexp(1.0, exponent - fmt.man)
     if isinstance(fmt, DynamicFixedPoint):
         return 2.0 ** -fmt.frac_of(abs(value))
+    if isinstance(fmt, BlockFormat):  # value as its block's largest magnitude
+        if not value:
+            return 0.0
+        e = max(math.frexp(abs(value))[1] - 1 - fmt.emax, -127)
+        return math.ldexp(lsb(fmt.element_format, math.ldexp(abs(value), -e)), e)
     return math.ulp(value) if value else fmt.step

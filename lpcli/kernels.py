@@ -38,18 +38,21 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
 import torch
 
 from .formats import (
     ROUNDINGS,
+    BlockFormat,
     DynamicFixedPoint,
     FixedPoint,
     Float32,
     FloatFormat,
     Format,
     FormatError,
+    Rounding,
     parse_format,
     pow2,
 )
@@ -58,11 +61,12 @@ from .formats import (
 def quantize(
     x: torch.Tensor,
     fmt: Format | str,
-    rounding: str = "nearest",
+    rounding: str = Rounding.NEAREST,
     generator: torch.Generator | None = None,
     *,
     out: torch.Tensor | None = None,
     absmax: torch.Tensor | float | None = None,
+    axis: int = -1,
 ) -> torch.Tensor:
     """Round ``x`` onto ``fmt``; returns a new tensor of x's shape, dtype and device.
 
@@ -74,7 +78,8 @@ def quantize(
     itself works, through a temporary) and return it. ``absmax``: for dynamic fixed
     point, choose the fraction bits from this absolute maximum instead of x's own (e.g. a
     :class:`MaxHistory` of earlier steps, as hardware would); values beyond the range it
-    implies then saturate.
+    implies then saturate. ``axis``: for block (MX) formats, the dimension the blocks run
+    along (the reduction dimension of the product that consumes x).
     """
     fmt = parse_format(fmt)
     if rounding not in ROUNDINGS:
@@ -83,6 +88,11 @@ def quantize(
         raise ValueError(f"out has shape {tuple(out.shape)}, x has {tuple(x.shape)}")
     if isinstance(fmt, Float32):
         return x if out is None else out.copy_(x)
+    if isinstance(fmt, BlockFormat):
+        y = _quantize_blocks(x.detach().float(), fmt, rounding, generator, axis, out)
+        if out is not None:
+            return y if y is out else out.copy_(y)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     xf = x.detach().float().contiguous()  # no copy for a contiguous float32 x
 
     fixed = _fixed_params(fmt, xf, absmax)
@@ -92,7 +102,7 @@ def quantize(
     if native is None:
         if fixed is not None:
             kernel = _fixed_kernel(fixed[0], fixed[1], rounding, generator, fixed[2])
-        elif rounding == "nearest" and (dtype := _cast_dtype(fmt)) is not None:
+        elif rounding == Rounding.NEAREST and (dtype := _cast_dtype(fmt)) is not None:
             kernel = _cast_kernel(dtype)
         else:
             kernel = _float_kernel(fmt, rounding, generator, xf.device.type)
@@ -144,11 +154,69 @@ def _fixed_params(fmt: Format, xf: torch.Tensor,
     return (fmt.width, frac, saturate)
 
 
+def _quantize_blocks(x: torch.Tensor, fmt: BlockFormat, rounding: str, generator: torch.Generator | None,
+                     axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """MX quantization of float32 ``x`` with blocks along ``axis``: into ``out`` where it can
+    take the rows as they are (contiguous float32, blocks along its last dimension, not a
+    shifted overlap of x), else into a new contiguous tensor."""
+    if x.dim() == 0:
+        return _quantize_blocks(x.reshape(1), fmt, rounding, generator, -1).reshape(())
+    try:
+        dim = range(x.dim())[axis]
+    except IndexError:
+        raise ValueError(f"axis {axis} is out of range for a tensor of {x.dim()} dimensions") from None
+    rows = x.movedim(dim, -1).contiguous()
+    direct = (
+        out is not None
+        and dim == x.dim() - 1
+        and out.dtype == torch.float32
+        and out.is_contiguous()
+        and (out.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr() or out.data_ptr() == rows.data_ptr())
+    )
+    y = out if direct else torch.empty_like(rows)
+    if rows.numel():
+        length = rows.shape[-1]
+        # rows made of whole blocks are one run of blocks, which threads may split anywhere
+        # between blocks (at whole cache lines)
+        row, align = (fmt.block, math.lcm(fmt.block, 64)) if length % fmt.block == 0 else (length, length)
+        native = native_block_spec(fmt, rounding, generator, row) if rows.is_cpu else None
+        with torch.no_grad():
+            if native is not None:
+                _run_native(native, rows, y, align=align)
+            else:
+                _torch_blocks(rows.view(-1, length), y.view(-1, length), fmt, rounding, generator)
+    return y if direct else y.movedim(-1, dim).contiguous()
+
+
+def _pow2_e8m0(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact ``2^exponent`` (float32) for int32 exponents in [-127, 127]; 2^-127 is subnormal."""
+    return torch.where(exponent > -127, (exponent + 127) << 23, 1 << 22).view(torch.float32)
+
+
+def _torch_blocks(x: torch.Tensor, y: torch.Tensor, fmt: BlockFormat, rounding: str,
+                  generator: torch.Generator | None) -> None:
+    """MX quantization of the rows of ``x`` into ``y`` with torch operations: per block, the
+    largest finite magnitude's exponent field gives e; the elements are scaled by 2^-e
+    (exact: the scaled values that underflow lie far below the element's smallest step),
+    clamped to the element's range and rounded onto it, and scaled back by 2^e (exact)."""
+    length = x.shape[1]
+    blocks = -(-length // fmt.block)
+    padded = torch.nn.functional.pad(x, (0, blocks * fmt.block - length)).view(x.shape[0], blocks, fmt.block)
+    bits = padded.view(torch.int32) & 0x7FFFFFFF
+    finite = torch.where(bits < 0x7F800000, bits, 0)
+    e = ((finite.amax(-1, keepdim=True) >> 23) - 127 - fmt.emax).clamp_(min=-127)
+    v = padded * _pow2_e8m0(-e)
+    v.clamp_(-fmt.element_max, fmt.element_max)
+    q = quantize(v, fmt.element_format, rounding, generator)
+    q.mul_(_pow2_e8m0(e))
+    y.copy_(q.view(x.shape[0], -1)[:, :length])
+
+
 Counts = tuple[int, int, int, int]  # what quantize_count counts (see there)
 EXTRAS = {None: 0, "nonfinite_x": 1, "nonfinite_q": 2, "changed": 3}  # quantize_count's extra (as the C kernel's)
 
 
-def quantize_count(x: torch.Tensor, fmt: Format | str, rounding: str = "nearest",
+def quantize_count(x: torch.Tensor, fmt: Format | str, rounding: str = Rounding.NEAREST,
                    generator: torch.Generator | None = None, *, inplace: bool = False, counts_only: bool = False,
                    extra: str | None = None) -> tuple[torch.Tensor, Counts] | None:
     """:func:`quantize` and the counts the simulator keeps of it, in one pass of the C kernels:
@@ -160,7 +228,7 @@ def quantize_count(x: torch.Tensor, fmt: Format | str, rounding: str = "nearest"
     overwritten with ``inplace``), drawn from ``generator`` the same way; with
     ``counts_only`` nothing is written and x comes back in q's place. None, with nothing
     drawn or written, where the C kernels do not apply (not built, not a contiguous float32
-    CPU tensor): count with torch operations then."""
+    CPU tensor, a block format): count with torch operations then."""
     key = (fmt, rounding)
     plan = _count_plans.get(key)
     if plan is None:
@@ -173,7 +241,7 @@ class CountPlan(NamedTuple):
 
     format: Format
     rounding: str
-    spec: tuple | None  # the C kernels' spec; None where each call draws (stochastic) or
+    spec: dict | None  # the C kernels' spec; None where each call draws (stochastic) or
     # reads the data (dynamic fixed point) for its own
     low: float  # the range beyond which a value counts as saturated
     high: float
@@ -182,18 +250,18 @@ class CountPlan(NamedTuple):
 _count_plans: dict[tuple[Format | str, str], CountPlan] = {}
 
 
-def count_plan(fmt: Format | str, rounding: str = "nearest") -> CountPlan:
+def count_plan(fmt: Format | str, rounding: str = Rounding.NEAREST) -> CountPlan:
     """The format's plan for :func:`quantize_count_planned` (checked and parsed once)."""
     fmt = parse_format(fmt)
     if rounding not in ROUNDINGS:
         raise FormatError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
     if isinstance(fmt, Float32):
-        spec: tuple | None = (0, 0, 0)
-    elif rounding == "stochastic" or isinstance(fmt, DynamicFixedPoint):
+        spec: dict | None = {"kind": "fp32", "mode": 0, "key": 0}
+    elif rounding == Rounding.STOCHASTIC or isinstance(fmt, (DynamicFixedPoint, BlockFormat)):
         spec = None
     else:
         spec = native_spec(fmt, rounding) if _kernels is not None else None
-    if isinstance(fmt, (Float32, DynamicFixedPoint)):
+    if isinstance(fmt, (Float32, DynamicFixedPoint, BlockFormat)):
         return CountPlan(fmt, rounding, spec, -math.inf, math.inf)
     return CountPlan(fmt, rounding, spec, fmt.min_value, fmt.max_value)
 
@@ -203,19 +271,21 @@ def quantize_count_planned(x: torch.Tensor, plan: CountPlan, generator: torch.Ge
                            extra: str | None = None) -> tuple[torch.Tensor, Counts] | None:
     """:func:`quantize_count` with the format's plan (:func:`count_plan`) at hand: the
     simulator calls it for every rounding of a step, so it does no more than it must."""
-    if _kernels is None or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous():
+    if (_kernels is None or not x.is_cpu or x.dtype != torch.float32 or not x.is_contiguous()
+            or isinstance(plan.format, BlockFormat)):
         return None
     fmt, rounding, spec, lo, hi = plan
     flag = EXTRAS[extra]
     xf = x.detach()
     if spec is None:
         spec = native_spec(fmt, rounding, generator, _fixed_params(fmt, xf, None))
+    n = xf.numel()
     if counts_only or isinstance(fmt, Float32):
-        q, dst = x, 0  # count only (float32: nothing to round)
+        q = x  # count only (float32: nothing to round)
+        src, dst = addresses((xf, n), (None, n))
     else:
         q = x if inplace else torch.empty_like(xf)
-        dst = q.data_ptr()
-    src, n = xf.data_ptr(), xf.numel()
+        src, dst = addresses((xf, n), (q, n))
     if n < 2 * _PIECE:
         return q, _kernels.quantize_count(src, dst, n, spec, 0, lo, hi, flag)
     parts = in_pieces(lambda start, count: _kernels.quantize_count(
@@ -301,9 +371,9 @@ def _round_to_integer(
     generator: torch.Generator | None,
 ) -> None:
     """Round ``v`` in place to integers (``floor``, ``random``: scratch for stochastic)."""
-    if rounding == "nearest":
+    if rounding == Rounding.NEAREST:
         v.round_()  # ties to even
-    elif rounding == "zero":
+    elif rounding == Rounding.ZERO:
         # copysign(floor(|v|), v): torch's trunc is not vectorized on the CPU.
         torch.abs(v, out=floor)
         floor.floor_()
@@ -333,7 +403,7 @@ def _fixed_kernel(
     hi = (2 ** (width - 1) - 1) * step
     lo = -(2 ** (width - 1)) * step
 
-    if rounding == "nearest" and width <= 23:
+    if rounding == Rounding.NEAREST and width <= 23:
         # |v| <= 2^22 steps, so v + 1.5 * 2^23 steps lies in one binade whose spacing is one
         # step: the float addition itself rounds to the grid, ties to even, and the
         # subtraction is exact. Three passes, and -0 comes out as +0 (one zero in fixed point).
@@ -401,7 +471,7 @@ def _float_kernel(
     check = device_type == "cpu"
     if fmt.exp == 8:
         return _e8_kernel(fmt, rounding, generator, check)
-    if fmt.man <= 21 and rounding == "nearest":
+    if fmt.man <= 21 and rounding == Rounding.NEAREST:
         return _nearest_kernel(fmt)
     return _general_kernel(fmt, rounding, generator)
 
@@ -441,7 +511,7 @@ def _e8_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | Non
     drop = 23 - fmt.man
     clear = -(1 << drop)  # int32 mask that keeps the high 32 - D bits
     max_value = fmt.max_value
-    stochastic = rounding == "stochastic"
+    stochastic = rounding == Rounding.STOCHASTIC
 
     def run(x: torch.Tensor, y: torch.Tensor, *scratch: torch.Tensor) -> None:
         if drop == 0:  # e8m23 is float32
@@ -455,14 +525,14 @@ def _e8_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator | Non
             beyond = not -max_value <= low <= high <= max_value  # NaN, inf or > max
         else:
             has_nan = nonfinite = beyond = True
-        if rounding == "nearest":
+        if rounding == Rounding.NEAREST:
             if drop == 23:
                 # e8m0: the significand is the implicit bit alone, odd for normal numbers
                 torch.bitwise_and(bits, _EXP, out=out).clamp_(max=1)
             else:
                 torch.bitwise_right_shift(bits, drop, out=out).bitwise_and_(1)
             out.add_(bits).add_((1 << (drop - 1)) - 1).bitwise_and_(clear)
-        elif rounding == "zero":
+        elif rounding == Rounding.ZERO:
             torch.bitwise_and(bits, clear, out=out)
         else:
             (random,) = scratch
@@ -537,7 +607,7 @@ class _GeneralParams:
 def _general_params(fmt: FloatFormat, rounding: str) -> _GeneralParams:
     """The constants of the general kernel below (float32 work for M <= 21, float64 above)."""
     mant, bias, exp_bits = (23, 127, 8) if fmt.man <= 21 else (52, 1023, 11)
-    nearest = rounding == "nearest"
+    nearest = rounding == Rounding.NEAREST
     # Before rounding, clamp to the range. Nearest rounding in an IEEE format sends values
     # from max + half a spacing on (and inf) to inf: clamp to 2^(emax+1), which the rounding
     # keeps and the scaling below turns into inf. Otherwise clamp to the largest finite
@@ -581,7 +651,7 @@ def _general_kernel(fmt: FloatFormat, rounding: str, generator: torch.Generator 
     """
     fast = fmt.man <= 21
     work, ints = (torch.float32, torch.int32) if fast else (torch.float64, torch.int64)
-    nearest = rounding == "nearest"
+    nearest = rounding == Rounding.NEAREST
     p = _general_params(fmt, rounding)
     exp_mask, limit, low_field, high_field, offset = p.exp_mask, p.limit, p.low_field, p.high_field, p.offset
     to_inf, keep_inf, overflow_scale = p.to_inf, p.keep_inf, p.overflow_scale
@@ -652,32 +722,42 @@ try:
     from lpcli import _kernels
 except ImportError:  # built without a C compiler
     _kernels = None
-if os.environ.get("LPCLI_KERNELS", "").strip().lower() == "torch":
+if os.environ.get("LPCLI_KERNELS", "").strip().lower() == "torch":  # Backend.TORCH (defined below)
     _kernels = None
 
-_MODES = {"nearest": 0, "zero": 1, "stochastic": 2}
+_MODES = {Rounding.NEAREST: 0, Rounding.ZERO: 1, Rounding.STOCHASTIC: 2}  # as lpcli/_kernels.c numbers them
 _PIECE = 1 << 18  # elements per thread and call, when torch runs with several threads
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
 
 
-def kernel_backend() -> str:
-    """``"native"`` when the fused C kernels run on the CPU, ``"torch"`` otherwise."""
-    return "native" if _kernels is not None else "torch"
+class Backend(StrEnum):
+    """Which kernels round on the CPU."""
+
+    NATIVE = "native"  # the fused C kernels
+    TORCH = "torch"  # chains of torch operations (no C compiler at install, or LPCLI_KERNELS=torch)
+
+
+def kernel_backend() -> Backend:
+    """:attr:`Backend.NATIVE` when the fused C kernels run on the CPU, :attr:`Backend.TORCH` otherwise."""
+    return Backend.NATIVE if _kernels is not None else Backend.TORCH
 
 
 def native_spec(
     fmt: Format,
-    rounding: str = "nearest",
+    rounding: str = Rounding.NEAREST,
     generator: torch.Generator | None = None,
     fixed: tuple[int, int | torch.Tensor, bool] | None = None,
-) -> tuple | None:
-    """The C kernels' description of rounding onto ``fmt``: ``(kind, mode, key,
-    parameters...)``, or None where the torch kernels must run (no C kernels; dynamic
-    fixed point without its ``fixed`` = (width, fraction bits, saturate) resolved)."""
+) -> dict | None:
+    """The C kernels' description of rounding onto ``fmt``: a dict of ``kind``, ``mode``,
+    ``key`` (stochastic rounding's) and the kind's fields by name (lpcli/_kernels.c lists
+    them, ``parse_quantizer``), or None where the torch kernels must run (no C kernels;
+    dynamic fixed point without its ``fixed`` = (width, fraction bits, saturate) resolved;
+    block formats: :func:`native_block_spec`)."""
     if _kernels is None:
         return None
     mode = _MODES[rounding]
     key = int(torch.empty((), dtype=torch.int64).random_(generator=generator)) if mode == 2 else 0
+    spec: dict = {"mode": mode, "key": key}
     if isinstance(fmt, FixedPoint) and fixed is None:
         fixed = (fmt.width, fmt.frac, True)
     if fixed is not None:
@@ -685,27 +765,72 @@ def native_spec(
         if not isinstance(frac, int):
             return None
         step = 2.0**-frac
-        return (1, mode, key, -(2 ** (width - 1)) * step, (2 ** (width - 1) - 1) * step, step, 2.0**frac,
-                int(saturate))
+        return spec | {"kind": "fixed", "lo": -(2 ** (width - 1)) * step, "hi": (2 ** (width - 1) - 1) * step,
+                       "step": step, "scale": 2.0**frac, "saturate": int(saturate)}
     if isinstance(fmt, Float32) or fmt == FloatFormat(8, 23):
-        return (0, mode, key)
+        return spec | {"kind": "fp32"}
     if not isinstance(fmt, FloatFormat):
         return None
     if fmt.exp == 8:
-        return (2, mode, key, 23 - fmt.man, fmt.max_value)
-    if fmt.man <= 21 and rounding == "nearest":
+        return spec | {"kind": "e8", "drop": 23 - fmt.man, "max_value": fmt.max_value}
+    if fmt.man <= 21 and rounding == Rounding.NEAREST:
         scale, low_field, high_field, overflow_scale = _nearest_params(fmt)
-        return (3, mode, key, scale, fmt.max_value, overflow_scale, 1.0 / overflow_scale, low_field, high_field,
-                int(fmt.finite))
+        # fp16 has its own kind: the C kernels use the CPU's conversion where it has one
+        return spec | {"kind": "fp16" if fmt == FloatFormat(5, 10) else "nearest", "scale": scale,
+                       "max_value": fmt.max_value, "overflow_scale": overflow_scale,
+                       "overflow_unscale": 1.0 / overflow_scale, "low_field": low_field,
+                       "high_field": high_field, "finite": int(fmt.finite)}
     p = _general_params(fmt, rounding)
-    return (4, mode, key, int(fmt.man > 21), p.limit, p.low_field, p.high_field, p.offset, p.overflow_scale,
-            1.0 / p.overflow_scale, *p.inf_scales, int(p.to_inf), int(p.keep_inf))
+    return spec | {"kind": "general64" if fmt.man > 21 else "general", "limit": p.limit, "low_field": p.low_field,
+                   "high_field": p.high_field, "offset_field": p.offset, "overflow_scale": p.overflow_scale,
+                   "overflow_unscale": 1.0 / p.overflow_scale, "inf_scale1": p.inf_scales[0],
+                   "inf_scale2": p.inf_scales[1], "to_inf": int(p.to_inf), "keep_inf": int(p.keep_inf)}
 
 
-def _run_native(spec: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Round contiguous float32 ``x`` into ``y`` with the C kernel ``spec`` describes."""
-    src, dst = x.data_ptr(), y.data_ptr()
-    in_pieces(lambda start, count: _kernels.quantize(src + 4 * start, dst + 4 * start, count, spec, start), x.numel())
+def native_block_spec(fmt: BlockFormat, rounding: str, generator: torch.Generator | None, row: int) -> dict | None:
+    """The C kernels' description of MX rounding of rows of ``row`` elements (blocks run
+    along each row, the last one shorter where row is not a multiple of the block size),
+    or None without the C kernels. Its element quantizer saturates: IEEE
+    elements (E5M2) take their own grid with the ``fn`` formats' clamp."""
+    element = fmt.element_format
+    spec = native_spec(element, rounding, generator)
+    if spec is None:
+        return None
+    if isinstance(element, FixedPoint):
+        spec |= {"lo": -fmt.element_max, "hi": fmt.element_max}  # symmetric: k in [-127, 127]
+    elif spec["kind"] == "nearest":  # (no MX element is fp16)
+        spec["finite"] = 1
+    else:
+        spec |= {"limit": fmt.element_max, "to_inf": 0, "keep_inf": 0}
+    return {"kind": "mx", "mode": spec["mode"], "key": spec["key"], "row": row, "block": fmt.block,
+            "emax": fmt.emax, "element": spec}
+
+
+def addresses(*operands: tuple[torch.Tensor | None, int]) -> list[int]:
+    """The memory addresses of a C kernel call's operands, each ``(tensor, elements the call
+    touches from its start)`` checked first: a contiguous float32 CPU tensor that holds them
+    (None: an operand the call does not use, address 0). The one way lpcli hands memory to
+    the C kernels: they read and write raw addresses and can check nothing themselves."""
+    found = []
+    for tensor, count in operands:
+        if tensor is None:
+            found.append(0)
+            continue
+        if (tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous()
+                or tensor.numel() < count):
+            raise ValueError(f"a C kernel needs a contiguous float32 CPU tensor of at least {count} elements, got "
+                             f"{'a contiguous' if tensor.is_contiguous() else 'a non-contiguous'} {tensor.dtype} "
+                             f"tensor of shape {tuple(tensor.shape)} on {tensor.device}")
+        found.append(tensor.data_ptr())
+    return found
+
+
+def _run_native(spec: dict, x: torch.Tensor, y: torch.Tensor, align: int = 64) -> None:
+    """Round contiguous float32 ``x`` into ``y`` with the C kernel ``spec`` describes
+    (``align``: pieces split at multiples of it, e.g. an MX spec's row)."""
+    src, dst = addresses((x, x.numel()), (y, x.numel()))
+    in_pieces(lambda start, count: _kernels.quantize(src + 4 * start, dst + 4 * start, count, spec, start),
+              x.numel(), align)
 
 
 def absmax_value(x: torch.Tensor) -> float:
@@ -715,16 +840,18 @@ def absmax_value(x: torch.Tensor) -> float:
     if _kernels is None:
         low, high = torch.aminmax(x)
         return float(torch.maximum(-low, high))  # one pass, no |x| temporary
-    src, n = x.data_ptr(), x.numel()
+    n = x.numel()
+    (src,) = addresses((x, n))
     if n < 2 * _PIECE:
         return _kernels.absmax(src, n)
     maxima = in_pieces(lambda start, count: _kernels.absmax(src + 4 * start, count), n)
     return max(maxima, key=lambda m: (math.isnan(m), m))
 
 
-def in_pieces(job: Callable[[int, int], object], n: int) -> list:
+def in_pieces(job: Callable[[int, int], object], n: int, align: int = 64) -> list:
     """``job(start, count)`` over ``range(n)``: in one call, or in one piece per thread of
-    torch's thread count when n is large (the native kernels release the GIL)."""
+    torch's thread count when n is large (the native kernels release the GIL); the pieces
+    start at multiples of ``align`` (64: whole cache lines)."""
     global _pool
     threads = torch.get_num_threads()
     if threads == 1 or n < 2 * _PIECE:
@@ -732,7 +859,7 @@ def in_pieces(job: Callable[[int, int], object], n: int) -> list:
     if _pool is None or _pool[0] != threads:
         _pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lpcli-quantize"))
     piece = -(-n // threads)
-    piece += -piece % 64  # whole cache lines
+    piece += -piece % align
     jobs = [_pool[1].submit(job, start, min(piece, n - start)) for start in range(0, n, piece)]
     # Every piece finishes before this returns, even on Ctrl-C: the jobs write into memory
     # that the caller may free as soon as it sees the exception.

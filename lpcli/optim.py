@@ -77,9 +77,18 @@ from typing import Any
 import torch
 
 from . import kernels
-from .formats import DynamicFixedPoint, FixedPoint, Float32, FloatFormat, Format, parse_format
+from .formats import DynamicFixedPoint, FixedPoint, Float32, FloatFormat, Format, element_format
 from .kernels import in_pieces, native_spec
-from .store import MODES, LowPrecisionOptimizer, compensation_format, compensation_range, store, store_foreach
+from .store import (
+    MODES,
+    LowPrecisionOptimizer,
+    Mode,
+    StepPath,
+    compensation_format,
+    compensation_range,
+    store,
+    store_foreach,
+)
 from .store import round_onto as _q
 
 __all__ = ["MODES", "KahanAdam", "KahanAdamW", "KahanSGD", "compensation_format", "debiased_beta"]
@@ -131,8 +140,8 @@ class KahanSGD(LowPrecisionOptimizer):
         generator: torch.Generator | None = None,
     ) -> None:
         if mode is None:
-            mode = "plain" if kahan is False else "kahan"
-        elif kahan is not None and kahan != (mode == "kahan"):
+            mode = Mode.PLAIN if kahan is False else Mode.KAHAN
+        elif kahan is not None and kahan != (mode == Mode.KAHAN):
             raise ValueError(f"kahan={kahan} contradicts mode={mode!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, mode=mode,
                         weight_format=weight_format, comp_format=comp_format, momentum_format=momentum_format,
@@ -149,7 +158,7 @@ class KahanSGD(LowPrecisionOptimizer):
             raise ValueError("nesterov needs a momentum above 0")
         super()._check_group(group)
         mf = group["momentum_format"]
-        group["momentum_format"] = Float32() if mf is None else parse_format(mf)
+        group["momentum_format"] = Float32() if mf is None else element_format(mf)
 
     def _state_formats(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"momentum_format": str(group["momentum_format"]) if group["momentum"] else None}
@@ -164,7 +173,7 @@ class KahanSGD(LowPrecisionOptimizer):
 
     def _choose_backend(self, group: dict[str, Any], device: torch.device) -> tuple[str, Any]:
         if self.compile and (fused := self._fused_for(group)) is not None:
-            return "compiled", fused
+            return StepPath.COMPILED, fused
         return super()._choose_backend(group, device)
 
     def _native_specs(self, group: dict[str, Any]) -> tuple | None:
@@ -174,15 +183,15 @@ class KahanSGD(LowPrecisionOptimizer):
         diag, generator = self.diagnostics_on, self.generator
         states = [self._state(p, group) for p in params]
         backend, needs = self._backend(group, params[0].device)
-        if backend == "foreach":
+        if backend == StepPath.FOREACH:
             _foreach_step(params, states, group, diag, generator)
             return
-        if backend == "native":
+        if backend == StepPath.NATIVE:
             _native_steps(params, states, group, diag, needs, generator)
             return
         cache = self._specs.setdefault(id(group), {})
         for p, state in zip(params, states, strict=True):
-            if backend == "compiled" and p.numel() >= _FUSE_MIN and p.is_contiguous():
+            if backend == StepPath.COMPILED and p.numel() >= _FUSE_MIN and p.is_contiguous():
                 _fused_tensor(needs, p, state, group, cache, diag)
             else:
                 _single_step(p, state, group, diag, generator)
@@ -246,9 +255,9 @@ def _moment_formats(spec: MomentFormats) -> tuple[Format, Format]:
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2:
             raise ValueError(f"moment_formats takes one format or a pair (first, second moment), got {spec!r}")
-        first, second = (Float32() if s is None else parse_format(s) for s in spec)
+        first, second = (Float32() if s is None else element_format(s) for s in spec)
         return first, second
-    fmt = Float32() if spec is None else parse_format(spec)
+    fmt = Float32() if spec is None else element_format(spec)
     return fmt, fmt
 
 
@@ -270,7 +279,7 @@ class _KahanAdamBase(LowPrecisionOptimizer):
         comp_format: Format | str | None = None,
         moment_formats: MomentFormats = None,
         *,
-        mode: str = "kahan",
+        mode: str = Mode.KAHAN,
         diagnostics: bool = True,
         foreach: bool | None = None,
         seed: int | None = None,
@@ -317,11 +326,11 @@ class _KahanAdamBase(LowPrecisionOptimizer):
         for state in states:
             state["step"] += 1
         backend, specs = self._backend(group, params[0].device)
-        if backend == "foreach":
+        if backend == StepPath.FOREACH:
             _adam_foreach(params, states, group, self.decoupled, diag, generator)
             return
         for p, state in zip(params, states, strict=True):
-            if backend != "native" or not _adam_native(p, state, group, self.decoupled, diag, specs):
+            if backend != StepPath.NATIVE or not _adam_native(p, state, group, self.decoupled, diag, specs):
                 _adam_single(p, state, group, self.decoupled, diag, generator)
 
 
@@ -467,7 +476,7 @@ _KAHAN, _FLOAT_C, _MOMENTUM, _NESTEROV, _DECAY, _DIAG, _L2 = 1, 2, 4, 8, 16, 32,
 
 def _native_specs(group: dict[str, Any], *state_formats: Format) -> tuple[tuple, ...] | None:
     """The C kernels' specs of the weight, compensation and state formats, or None."""
-    if group["mode"] == "stochastic":
+    if group["mode"] == Mode.STOCHASTIC:
         return None
     specs = tuple(native_spec(fmt) for fmt in (group["weight_format"], group["comp_format"], *state_formats))
     return None if None in specs else specs
@@ -479,7 +488,7 @@ def _native_suits(*tensors: torch.Tensor | None) -> bool:
 
 def _native_flags(group: dict[str, Any], diag: bool, *, momentum: bool = False, nesterov: bool = False,
                   decay: bool = False, l2: bool = False) -> int:
-    kahan = group["mode"] == "kahan"
+    kahan = group["mode"] == Mode.KAHAN
     return ((_KAHAN if kahan else 0) | (_FLOAT_C if kahan and isinstance(group["comp_format"], FloatFormat) else 0)
             | (_MOMENTUM if momentum else 0) | (_NESTEROV if nesterov else 0)
             | (_DECAY if decay else 0) | (_L2 if l2 else 0) | (_DIAG if diag else 0))
@@ -494,8 +503,8 @@ def _native_call(kernel: Callable, tensors: tuple[torch.Tensor | None, ...], sca
 
 def _native_run(kernel: Callable, tensors: tuple[torch.Tensor | None, ...], scalars: tuple[float, ...], flags: int,
                 specs: tuple[tuple, ...], comp_range: tuple[float, float], state: dict[str, Any], diag: bool) -> None:
-    addresses = [t.data_ptr() if t is not None else 0 for t in tensors]
     n = tensors[0].numel()
+    addresses = kernels.addresses(*((t, n) for t in tensors))
     if n < 2 * kernels._PIECE:  # what in_pieces would do, in one call, without its overhead
         counts = kernel(*addresses, n, *scalars, flags, *specs, *comp_range)
         if diag:
@@ -580,14 +589,14 @@ def _kind(fmt: Format) -> str | None:
 
 
 def _fused_key(group: dict[str, Any], diag: bool) -> tuple | None:
-    if group["mode"] == "stochastic":
+    if group["mode"] == Mode.STOCHASTIC:
         return None
     kinds = tuple(_kind(group[k]) for k in ("weight_format", "comp_format", "momentum_format"))
     if None in kinds:
         return None
-    if group["mode"] != "kahan":
+    if group["mode"] != Mode.KAHAN:
         kinds = (kinds[0], "fp32", kinds[2])
-    return (*kinds, group["mode"] == "kahan", group["momentum"] != 0, group["nesterov"],
+    return (*kinds, group["mode"] == Mode.KAHAN, group["momentum"] != 0, group["nesterov"],
             group["weight_decay"] != 0, diag)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import InputError, did_you_mean
-from .formats import Format, FormatError, parse_format
+from .formats import Format, FormatError, element_format
 
 
 class Fields:
@@ -81,7 +81,7 @@ class Fields:
     def format(self, key: str, default: str | None = None) -> Format:
         value = self._required(key, default)
         try:
-            return parse_format(value)
+            return element_format(value)
         except FormatError as exc:
             self.fail(str(exc), field=self.sub(key))
             raise  # unreachable

@@ -47,8 +47,9 @@ from torch import nn
 from .accumulate import AccumulatorMode, GemmFormats, GemmTally
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, mode_around, simulated_softmax
-from .formats import DynamicFixedPoint, FixedPoint, Float32, Format
+from .formats import DynamicFixedPoint, FixedPoint, Float32, Format, Rounding
 from .kernels import (
+    Backend,
     CountPlan,
     Counts,
     absmax_value,
@@ -240,7 +241,8 @@ class _InputPoint:
         q, (nonzero, nonzero_rounded, saturated, changed) = fused
         if sim.recording:
             self.counts.add(x.numel(), nonzero, nonzero_rounded, saturated)
-        self.identity = not changed and sim.rounding != "stochastic" and not isinstance(self.format, DynamicFixedPoint)
+        self.identity = (not changed and sim.rounding != Rounding.STOCHASTIC
+                         and not isinstance(self.format, DynamicFixedPoint))
         return q
 
     def unchanged(self, x: torch.Tensor) -> bool:
@@ -362,7 +364,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         # The non-target counts are the whole tensor's less the target entries' (one per row).
         fmt = sim.softmax_error
         counted = None
-        if sim.rounding != "stochastic" and not isinstance(fmt, DynamicFixedPoint):
+        if sim.rounding != Rounding.STOCHASTIC and not isinstance(fmt, DynamicFixedPoint):
             # Rounding is element by element, the same for every call: the targets' own
             # rounding, counted in one C call, holds the same values as q's target entries.
             counted = quantize_count(target, fmt, sim.rounding, counts_only=True)
@@ -435,7 +437,7 @@ class Simulator:
         softmax_input: Format = Float32(),
         softmax_error: Format = Float32(),
         output_layer: str | None = None,
-        rounding: str = "nearest",
+        rounding: str = Rounding.NEAREST,
         generator: torch.Generator | None = None,
         zero_sum_error: bool = True,
         parameters: Mapping[str, list[torch.Tensor]] | None = None,
@@ -574,10 +576,10 @@ def _output_hook(seen: set[str], point: _LayerPoint | None):
         sim = point.simulator
         # An activation on a fixed-point grid is remembered for the next layer's input
         # rounding; not with stochastic rounding, whose every call draws from the generator.
-        remember = isinstance(point.activation, FixedPoint) and sim.rounding != "stochastic"
+        remember = isinstance(point.activation, FixedPoint) and sim.rounding != Rounding.STOCHASTIC
         # Errors rounded as they arrive (round_error_early): not with stochastic rounding, to
         # leave the order of the generator's draws alone.
-        early = sim.rounding != "stochastic"
+        early = sim.rounding != Rounding.STOCHASTIC
 
     def round_output(t: torch.Tensor) -> torch.Tensor:
         if t.requires_grad and torch.is_grad_enabled():
@@ -719,6 +721,6 @@ def all_finite(x: torch.Tensor) -> bool | torch.Tensor:
     activation, an error, a weight gradient), unchanged since (its version), needs no pass."""
     if getattr(x, "_lpcli_finite", None) == x._version:
         return True
-    if x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() and kernel_backend() == "native":
+    if x.is_cpu and x.dtype == torch.float32 and x.is_contiguous() and kernel_backend() == Backend.NATIVE:
         return math.isfinite(absmax_value(x.detach()))
     return torch.isfinite(x).all()

@@ -27,11 +27,12 @@ from torch import nn
 from . import optim
 from .errors import InputError
 from .files import read_document
-from .formats import Float32
+from .formats import Float32, Rounding
 from .kernels import quantize
 from .models import module_name, ownership, trainable_parameters
 from .plan import TENSORS, Plan, plan_from_document
 from .simulate import NOT_SIMULATED, Simulator, shares
+from .store import Mode
 
 KEEP_FP32 = "keep_fp32"  # the optimizer group of the parameters the plan keeps in float32
 RULES = {"sgd": "KahanSGD", "adam": "KahanAdam", "adamw": "KahanAdamW"}  # the optimizers in lpcli.optim
@@ -111,7 +112,7 @@ class Simulation:
     (``"nearest"`` by default); the optimizer has its own (see :meth:`optimizer`).
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, *, rounding: str = "nearest",
+    def __init__(self, model: nn.Module, plan: Plan, *, rounding: str = Rounding.NEAREST,
                  generator: torch.Generator | None = None, source: str = "plan") -> None:
         self.model, self.plan = model, plan
         self.rounding, self.generator = rounding, generator
@@ -190,7 +191,7 @@ class Simulation:
             groups.append({"params": [p for _, p in self.groups.keep_fp32], "weight_format": Float32(),
                            "name": KEEP_FP32})
         if mode is None:
-            mode = "kahan" if self.plan.kahan else "plain"
+            mode = Mode.KAHAN if self.plan.kahan else Mode.PLAIN
         self._optimizer = getattr(optim, RULES[rule])(groups, lr=lr, mode=mode, seed=seed, **kwargs)
         return self._optimizer
 
@@ -321,7 +322,7 @@ class Simulation:
                 held.add("momentum")
             if opt is not None and any("betas" in g for g in opt.param_groups):
                 held.add("variance")
-            if opt is not None and any(g["mode"] == "kahan" for g in opt.param_groups):
+            if opt is not None and any(g["mode"] == Mode.KAHAN for g in opt.param_groups):
                 held.add("compensation")
         return held
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -65,12 +66,31 @@ from .formats import (
     Float32,
     FloatFormat,
     Format,
-    parse_format,
+    Rounding,
+    element_format,
     saturated,
 )
 from .kernels import quantize
 
-MODES = ("kahan", "plain", "stochastic")
+
+class Mode(StrEnum):
+    """How the store puts an update into the low-precision weights (see the module docstring)."""
+
+    KAHAN = "kahan"
+    PLAIN = "plain"
+    STOCHASTIC = "stochastic"
+
+
+MODES = tuple(Mode)
+
+
+class StepPath(StrEnum):
+    """The code that runs a group's step (:meth:`LowPrecisionOptimizer._backend`)."""
+
+    FOREACH = "foreach"  # torch._foreach operations over the group's tensors
+    NATIVE = "native"  # the C kernels, the whole step in one pass
+    PER_TENSOR = "per-tensor"  # torch operations tensor by tensor
+    COMPILED = "compiled"  # a rule's torch.compile'd step
 # The diagnostics' counters per tensor: updates u != 0 (moved) and those that left the weight
 # unchanged (lost), in all and in the last step; with Kahan, the non-zero residues the
 # compensation rounded to zero (comp_dropped) or that lay beyond its range (comp_saturated).
@@ -96,7 +116,7 @@ def compensation_format(weight_format: Format, frac: int | None = None) -> Forma
     return FixedPoint(min(MAX_FIXED_WIDTH, integer + frac), min(MAX_FIXED_WIDTH, integer + frac) - integer)
 
 
-def round_onto(x: torch.Tensor, fmt: Format, out: torch.Tensor | None = None, rounding: str = "nearest",
+def round_onto(x: torch.Tensor, fmt: Format, out: torch.Tensor | None = None, rounding: str = Rounding.NEAREST,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Round in place (``out`` None) or into ``out``; fp32 costs nothing."""
     if isinstance(fmt, Float32):
@@ -178,10 +198,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     def _choose_backend(self, group: dict[str, Any], device: torch.device) -> tuple[str, Any]:
         if self.foreach or (self.foreach is None and device.type == "cuda"):
-            return "foreach", None
+            return StepPath.FOREACH, None
         if self.foreach is None and device.type == "cpu" and (specs := self._native_specs(group)) is not None:
-            return "native", specs
-        return "per-tensor", None
+            return StepPath.NATIVE, specs
+        return StepPath.PER_TENSOR, None
 
     def _native_specs(self, group: dict[str, Any]) -> tuple | None:
         """The C kernels' specs of the group's formats (weight, compensation, the rule's
@@ -195,15 +215,16 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
         if group["mode"] not in MODES:
             raise ValueError(f"unknown mode {group['mode']!r}; use one of {', '.join(MODES)}")
-        group["weight_format"] = parse_format(group["weight_format"])
+        group["mode"] = Mode(group["mode"]).value  # a plain string: state dicts load with weights_only=True
+        group["weight_format"] = element_format(group["weight_format"])
         if group["comp_format"] is None:
             group["comp_format"] = compensation_format(group["weight_format"])
-        group["comp_format"] = parse_format(group["comp_format"])
-        group["kahan"] = group["mode"] == "kahan"
+        group["comp_format"] = element_format(group["comp_format"])
+        group["kahan"] = group["mode"] == Mode.KAHAN
 
     def _store_state(self, state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
         """The compensation (Kahan) and the diagnostics' sums and counters."""
-        if group["mode"] == "kahan":
+        if group["mode"] == Mode.KAHAN:
             state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         if self.diagnostics_on:
             state["initial"] = p.detach().clone(memory_format=torch.contiguous_format)
@@ -254,13 +275,13 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 "name": group["name"] if group["name"] is not None else str(index),
                 "mode": group["mode"],
                 "weight_format": str(group["weight_format"]),
-                "comp_format": str(group["comp_format"]) if group["mode"] == "kahan" else None,
+                "comp_format": str(group["comp_format"]) if group["mode"] == Mode.KAHAN else None,
                 **self._state_formats(group),
                 "lost_updates": lost / moved if on and moved else None,
                 "lost_updates_step": step_lost / step_moved if on and step_moved else None,
                 "lost_mass": math.sqrt(residual / intended) if on and intended else None,
-                "compensation_dropped": dropped / moved if on and moved and group["mode"] == "kahan" else None,
-                "compensation_saturated": clipped / moved if on and moved and group["mode"] == "kahan" else None,
+                "compensation_dropped": dropped / moved if on and moved and group["mode"] == Mode.KAHAN else None,
+                "compensation_saturated": clipped / moved if on and moved and group["mode"] == Mode.KAHAN else None,
                 "weights_flushed_at_start": group.get("flushed_at_start", 0) / elements if (
                     elements := sum(p.numel() for p in group["params"])) else None,
             })
@@ -289,7 +310,7 @@ def store(w: torch.Tensor, u: torch.Tensor, state: dict[str, Any], group: dict[s
     """``w`` (the parameter's data) takes the update ``u`` in the group's mode: the
     definition the other paths match."""
     wf, cf, mode = group["weight_format"], group["comp_format"], group["mode"]
-    if mode == "kahan":
+    if mode == Mode.KAHAN:
         c = state["compensation"]
         float_c = isinstance(cf, FloatFormat)
         y = u - c
@@ -306,7 +327,8 @@ def store(w: torch.Tensor, u: torch.Tensor, state: dict[str, Any], group: dict[s
         if diag:
             count_compensation(state, residue, c, cf)
     else:
-        t = round_onto(w + u, wf, rounding="nearest" if mode == "plain" else "stochastic", generator=generator)
+        rounding = Rounding.NEAREST if mode == Mode.PLAIN else Rounding.STOCHASTIC
+        t = round_onto(w + u, wf, rounding=rounding, generator=generator)
         if diag:
             _count(state, u, t - w)
     if diag:
@@ -344,7 +366,7 @@ def store_foreach(ws: list[torch.Tensor], us: list[torch.Tensor], states: list[d
     """:func:`store` over a group's tensors, each operation over all of them
     (``torch._foreach_*``); rounding stays per tensor, in list order."""
     wf, cf, mode = group["weight_format"], group["comp_format"], group["mode"]
-    if mode == "kahan":
+    if mode == Mode.KAHAN:
         cs = [s["compensation"] for s in states]
         float_c = isinstance(cf, FloatFormat)
         y = torch._foreach_sub(us, cs)
@@ -368,7 +390,7 @@ def store_foreach(ws: list[torch.Tensor], us: list[torch.Tensor], states: list[d
                 count_compensation(state, v, c, cf)
     else:
         t = torch._foreach_add(ws, us)
-        rounding = "nearest" if mode == "plain" else "stochastic"
+        rounding = Rounding.NEAREST if mode == Mode.PLAIN else Rounding.STOCHASTIC
         for v in t:
             round_onto(v, wf, rounding=rounding, generator=generator)
         if diag:

@@ -28,6 +28,30 @@ def run_cli(*args: str) -> Result:
     return Result(result.exit_code, result.stdout, result.stderr)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module single-threaded: on a shared 2-core machine a 2-thread torch op waits
+    for a core another process holds, which made the format tests 10x slower under load."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A test on the fused C kernels and again on the torch kernels (``usefixtures`` it)."""
+    from lpcli import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_kernels", None)
+    elif kernels._kernels is None:
+        pytest.skip("the C kernels are not built (no C compiler at install, or LPCLI_KERNELS=torch)")
+    return request.param
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -282,6 +282,9 @@ def test_python_m_lpcli_and_formats_listing():
                             cwd=ROOT, check=True)
     rows = {row["format"]: row for row in json.loads(result.stdout)}
     assert rows["fp8-e4m3"]["max"] == 448.0 and rows["fx8.7"]["bits"] == 8
+    assert rows["mxfp4-e2m1/16"]["stored bits"] == 4.5 and rows["mxint8"]["scaled"] == "per block"
+    assert subprocess.run([sys.executable, "-m", "lpcli", "formats"], capture_output=True, text=True,
+                          check=True).stdout.count("per block") == 2 * 7
     help_text = subprocess.run([sys.executable, "-m", "lpcli", "--help"], capture_output=True, text=True,
                                check=True).stdout
     for command in ("analyze", "recommend", "train-check"):

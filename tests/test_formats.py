@@ -59,24 +59,7 @@ ML_DTYPES = {
 # --- helpers -----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this file single-threaded: on a shared 2-core machine a 2-thread torch op waits
-    for a core another process holds, which made the file 10x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on the fused C kernels and on the torch kernels."""
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "_kernels", None)
-    elif kernels._kernels is None:
-        pytest.skip("the C kernels are not built (no C compiler at install, or LPCLI_KERNELS=torch)")
-    return request.param
+pytestmark = pytest.mark.usefixtures("single_thread", "backend")  # every test on both kernel backends
 
 
 def gen(seed: int = 0) -> torch.Generator:
