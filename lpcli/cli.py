@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from . import __version__
+from .cost import CostTable, load_cost_table
 from .distributed import is_main_process
 from .errors import InputError, Interrupted
 from .files import dumps, read_document, write_document
@@ -208,7 +209,7 @@ def analyze_command(
 
 def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", range_from: str = "p999",
            widths: str | None = None, margin: int = 0, accumulators: bool = False,
-           accumulator_chunk: int = 32) -> Rules:
+           accumulator_chunk: int = 32, objective: str = "bits") -> Rules:
     parsed = None
     if widths is not None:
         try:
@@ -219,13 +220,13 @@ def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", ran
     try:
         return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits, family=family, range_from=range_from,
                      widths=parsed, margin=margin, accumulators=accumulators,
-                     accumulator_chunk=accumulator_chunk or None)
+                     accumulator_chunk=accumulator_chunk or None, objective=objective)
     except RulesError as exc:
         raise InputError("command line", RULE_OPTIONS[exc.field], str(exc)) from None
 
 
 RULE_OPTIONS = {"family": "--family", "range_from": "--range", "widths": "--widths", "margin": "--margin",
-                "accumulator_chunk": "--accumulator-chunk"}
+                "accumulator_chunk": "--accumulator-chunk", "objective": "--objective"}
 AccumulatorsOpt = Annotated[bool, typer.Option("--accumulators", help="Also plan the accumulator of each layer's "
                                                "three GEMMs (forward, input gradient, weight gradient) from how "
                                                "their sums grow; train-check then sums in them (slow: every "
@@ -236,9 +237,9 @@ ChunkOpt = Annotated[int, typer.Option(min=0, help="--accumulators: terms per pa
 
 def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: int | None,
           show_progress: bool, stats_out: dict[str, Any] | None = None,
-          device: str = "cpu", quiet: bool = False) -> tuple[Plan, Recipe | None]:
+          device: str = "cpu", quiet: bool = False, cost: CostTable | None = None) -> tuple[Plan, Recipe | None]:
     """The recommended plan and the recipe (None for a stats file alone); ``stats_out``
-    receives the stats the plan came from."""
+    receives the stats the plan came from; ``cost``: the cost table of its estimate."""
     recipe = load_recipe(recipe_arg) if recipe_arg is not None or stats_path is None else None
     if stats_path is not None:
         stats = validate_stats(read_document(stats_path), str(stats_path))
@@ -247,7 +248,7 @@ def _plan(recipe_arg: str | None, stats_path: Path | None, rules: Rules, seed: i
     if stats_out is not None:
         stats_out.update(stats)
     precision = recipe.precision if recipe is not None else None
-    return recommend(stats, rules, precision, source=recipe.source if recipe else str(stats_path)), recipe
+    return recommend(stats, rules, precision, source=recipe.source if recipe else str(stats_path), cost=cost), recipe
 
 
 @app.command("recommend")
@@ -259,7 +260,15 @@ def recommend_command(
                                                   show_default=False)] = None,
     output: _output_opt("plan") = None,
     kahan: Annotated[bool, typer.Option(help="Plan for SGD with Kahan summation (else plain SGD).")] = True,
-    family: Annotated[str, typer.Option(help="Number family: fixed (fx<W>.<F>) or float (e<E>m<M>fn).")] = "fixed",
+    family: Annotated[str, typer.Option(help="Number family: fixed (fx<W>.<F>), float (e<E>m<M>fn), or both "
+                                        "(fixed,float): each layer then takes the family --objective prefers.")
+                      ] = "fixed",
+    objective: Annotated[str, typer.Option(help="With several families, what the choice minimises: bits (stored), "
+                                           "energy (estimated per training step) or memory (traffic per step).")
+                         ] = "bits",
+    cost: Annotated[Path | None, typer.Option(help="Cost table (YAML) for the energy estimate and --objective: "
+                                              "pJ figures of your process (see the README); default 45 nm, "
+                                              "Horowitz ISSCC 2014.", show_default=False)] = None,
     range_from: Annotated[str, typer.Option("--range", help="What the range must hold: p999 (the 99.9th "
                                             "percentile; the saturation this predicts is in the reason) or absmax "
                                             "(the largest value seen). Weights always use absmax.")] = "p999",
@@ -295,9 +304,11 @@ def recommend_command(
     if verify and recipe is None and stats is not None:
         raise InputError("command line", "--verify", "needs a recipe to train (a stats file alone cannot be "
                          "checked): give RECIPE too")
-    rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin, accumulators, accumulator_chunk)
+    rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin, accumulators, accumulator_chunk,
+                   objective)
+    table = load_cost_table(cost) if cost is not None else None
     used: dict[str, Any] = {}
-    plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used, quiet=quiet)
+    plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used, quiet=quiet, cost=table)
     if not verify:
         emit(plan.document(), as_json, output, lambda: render_plan(plan, stdout, full), "plan")
         return
@@ -306,7 +317,7 @@ def recommend_command(
     assert loaded is not None
     with progress_bar(not as_json, quiet) as progress:
         plan, section = verify_plan(loaded, plan, used, tolerance=tolerance, rounds=rounds, max_bits=rules.widest,
-                                    seed=seed, seeds=seeds, progress=progress)
+                                    seed=seed, seeds=seeds, progress=progress, cost=table)
     doc = {**plan.document(), "verify": section}
     emit(doc, as_json, output, lambda: (render_plan(plan, stdout, full), _render_verify(section)), "plan")
     raise typer.Exit(STATUS_EXIT[section["final"]["status"]])

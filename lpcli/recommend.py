@@ -61,6 +61,7 @@ from typing import Any
 
 from .accumulate import GEMMS
 from .attention import ROLES as ATTENTION_ROLES
+from .cost import CostTable, step_cost, stored_bits
 from .errors import InputError
 from .formats import MAX_FIXED_WIDTH, FixedPoint, Float32, FloatFormat, Format
 from .models import ROOT
@@ -100,14 +101,19 @@ class Rules:
     accumulator_range_bits: int = 2  # accumulator range: doublings beyond the headroom (an overflow spoils a sum)
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
-    family: str = "fixed"  # "fixed" (fx<W>.<F>) or "float" (e<E>m<M>fn)
+    family: str = "fixed"  # "fixed" (fx<W>.<F>), "float" (e<E>m<M>fn), or both ("fixed,float": per layer, by objective)
+    objective: str = "bits"  # with several families, what the choice minimises: bits, energy or memory (lpcli.cost)
     range_from: str = "p999"  # "p999" or "absmax": the value the range must hold (weights: always absmax)
     widths: tuple[int, ...] | None = None  # widths the hardware has; every format is rounded up to one
     margin: int = 0  # extra resolution bits (fraction or mantissa) on every format
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise RulesError("family", f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        parts = self.families
+        if not parts or any(f not in FAMILIES for f in parts) or len(set(parts)) < len(parts):
+            raise RulesError("family", f"family must be one of {', '.join(FAMILIES)} or several of them separated by "
+                             f"commas (fixed,float), got {self.family!r}")
+        if self.objective not in OBJECTIVES:
+            raise RulesError("objective", f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.range_from not in RANGES:
             raise RulesError("range_from", f"range_from must be one of {', '.join(RANGES)}, got {self.range_from!r}")
         if self.widths is not None:
@@ -121,6 +127,10 @@ class Rules:
             raise RulesError("accumulator_chunk", f"accumulator_chunk must be >= 1, got {self.accumulator_chunk}")
 
     @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(f.strip() for f in self.family.split(","))
+
+    @property
     def allowed_widths(self) -> tuple[int, ...] | None:
         return None if self.widths is None else tuple(sorted({w for w in self.widths if w <= self.max_bits}))
 
@@ -131,6 +141,7 @@ class Rules:
 
 
 FAMILIES = ("fixed", "float")
+OBJECTIVES = ("bits", "energy", "memory")
 # Roles whose small values matter one by one: an error, gradient or momentum entry rounded
 # to zero is a contribution no later step recovers, so at most ``underflow`` of them may flush.
 UNDERFLOW_ROLES = ("error", "weight_grad", "momentum", "variance")
@@ -756,9 +767,15 @@ def recommend_layer(layer: dict[str, Any], rules: Rules, fixed: dict[str, Format
 
 
 def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Precision | None = None,
-              source: str = "stats") -> Plan:
-    """A plan for the layers in ``stats`` (validated by :func:`lpcli.stats.validate_stats`)."""
+              source: str = "stats", cost: CostTable | None = None) -> Plan:
+    """A plan for the layers in ``stats`` (validated by :func:`lpcli.stats.validate_stats`);
+    with several families, each layer takes the family whose formats cost least by
+    ``rules.objective`` (:func:`choose_families`); ``cost``: the cost table of the summary's
+    estimate and of the energy and memory objectives."""
     rules = rules or Rules()
+    if len(rules.families) > 1:
+        plans = {f: recommend(stats, replace(rules, family=f), precision, source, cost) for f in rules.families}
+        return choose_families(plans, stats, rules.objective, cost)
     precision = precision or Precision()
     if precision.kahan is not None:
         rules = replace(rules, kahan=precision.kahan)
@@ -813,10 +830,98 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
                 classes=classes, output_layer=output_layer, reasons=reasons, parameters=parameters,
                 tied=dict(stats.get("tied") or {}), attention=attention, accumulators=accumulators,
                 accumulator_chunk=rules.accumulator_chunk)
-    return replace(plan, summary=summarize(plan, stats))
+    return replace(plan, summary=summarize(plan, stats, cost))
 
 
-def summarize(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
+SOFTMAX_UNIT = "softmax"  # the softmax formats' unit in choose_families (layer names never contain a space)
+ATTENTION_UNIT = "attention of "
+
+
+def choose_families(plans: dict[str, Plan], stats: dict[str, Any], objective: str = "bits",
+                    cost: CostTable | None = None) -> Plan:
+    """One plan from one plan per family (``plans``, all from the same stats): each unit, a
+    layer (its tensors and accumulators), the softmax (its input and error, which the
+    output layer shares) or an attention module, takes one family's formats.
+
+    ``bits``: per unit, the family whose formats store fewer bits in a training step (weights,
+    weight gradients, compensation and optimizer state per parameter; inputs, activations
+    and errors per element of a batch; ties go to the family named first). ``energy`` and
+    ``memory``: from that choice, each unit in turn moves to the family that lowers the
+    plan's estimated energy or memory traffic per step (:func:`lpcli.cost.step_cost`),
+    until no move does. Every format still comes from its family's rules, so each one
+    satisfies them; only the choice between them follows the objective."""
+    families = list(plans)
+    first = plans[families[0]]
+    softmax_layers = {first.output_layer, ROOT} & set(first.layers)  # as recommend sets them
+    units = [*first.layers, SOFTMAX_UNIT, *(ATTENTION_UNIT + name for name in first.attention)]
+
+    def build(choice: dict[str, str]) -> Plan:
+        softmax = plans[choice[SOFTMAX_UNIT]]
+        layers, reasons = {}, {}
+        for name in first.layers:
+            chosen = plans[choice[name]]
+            layers[name] = dict(chosen.layers[name])
+            reasons[name] = dict(chosen.reasons.get(name, {}))
+            if name in softmax_layers:
+                layers[name].update(activation=softmax.softmax_input, error=softmax.softmax_error)
+            reasons[name]["family"] = choice[name]
+        attention = {name: plans[choice[ATTENTION_UNIT + name]].attention[name] for name in first.attention}
+        for name in first.attention:
+            reasons.setdefault(name, {})["attention"] = plans[choice[ATTENTION_UNIT + name]].reasons[name]["attention"]
+        return replace(first, layers=layers, softmax_input=softmax.softmax_input, softmax_error=softmax.softmax_error,
+                       attention=attention,
+                       accumulators={name: plans[choice[name]].accumulators[name] for name in first.accumulators},
+                       reasons={**first.reasons, **reasons, "softmax_input": softmax.reasons["softmax_input"],
+                                "softmax_error": softmax.reasons["softmax_error"]}, summary={})
+
+    def unit_bits(family: str, unit: str) -> float:
+        plan = plans[family]
+        if unit == SOFTMAX_UNIT:
+            return stored_bits(plan.softmax_input) + stored_bits(plan.softmax_error)
+        if unit.startswith(ATTENTION_UNIT):
+            return sum(stored_bits(f) for f in plan.attention[unit[len(ATTENTION_UNIT):]].values())
+        layer = stats["layers"].get(unit, {})
+        params, outputs = layer.get("parameters", 0), layer.get("activation_elements", 0) * batch
+        counts = {"weight": params, "weight_grad": params, "momentum": params, "variance": params,
+                  "compensation": params if plan.kahan else 0, "input": outputs,
+                  "activation": 0 if unit in softmax_layers else outputs,
+                  "error": 0 if unit in softmax_layers else outputs}
+        return sum(stored_bits(plan.layers[unit][role]) * count for role, count in counts.items())
+
+    batch = int((stats.get("training") or {}).get("batch_size") or 1)
+    choice = {unit: min(families, key=lambda f, u=unit: unit_bits(f, u)) for unit in units}
+    why: dict[str, str] = {}
+    if objective == "bits":
+        for unit in units:
+            why[unit] = ", ".join(f"{f} {unit_bits(f, unit):,.0f}" for f in families) + " stored bits"
+    else:
+        key, unit_name = ("total_uj", "µJ") if objective == "energy" else ("memory_mb", "MB")
+
+        def measure(trial: dict[str, str]) -> float:
+            return step_cost(build(trial), stats, cost)["plan"][key]
+
+        best = measure(choice)
+        moved = True
+        while moved:
+            moved = False
+            for unit in units:
+                for family in families:
+                    if family != choice[unit] and (value := measure({**choice, unit: family})) < best * (1 - 1e-9):
+                        choice, best, moved = {**choice, unit: family}, value, True
+        for unit in units:
+            why[unit] = ", ".join(f"{f} {measure({**choice, unit: f}):.4g}" for f in families) + \
+                f" {unit_name} per step for the plan"
+    plan = build(choice)
+    reasons = dict(plan.reasons)
+    for unit in first.layers:
+        reasons[unit] = {**reasons[unit], "family": f"{choice[unit]} (by {objective}: {why[unit]})"}
+    plan = replace(plan, reasons=reasons)
+    summary = summarize(plan, stats, cost)
+    summary["families"] = {"objective": objective, "choice": choice, "why": why}
+    return replace(plan, summary=summary)
+
+
+def summarize(plan: Plan, stats: dict[str, Any], cost: CostTable | None = None) -> dict[str, Any]:
     """What the plan costs. The datapath: average bits of the weights, activations and errors
     the multipliers see, weighted by element counts, against uniform 16-bit. The storage,
     per parameter: weight, compensation and momentum buffer in their formats, against the
@@ -840,6 +945,7 @@ def summarize(plan: Plan, stats: dict[str, Any]) -> dict[str, Any]:
         "weight_bytes": weight_bits / 8,
         "weight_bytes_16bit": weight_count * 2,
         "storage_bits_per_parameter": storage_bits(plan, stats),
+        "cost_per_step": step_cost(plan, stats, cost),
     }
 
 

@@ -175,6 +175,22 @@ def _render_summary(plan: Plan, console: Console) -> None:
         console.print(f"storage bits per parameter: this plan {parts(storage['plan'])}; without Kahan (weights "
                       f"wide enough for the median update) {parts(storage['plain'])}; uniform 16-bit "
                       f"{parts(storage['uniform_16bit'])}", highlight=False)
+    cost = summary.get("cost_per_step")
+    if cost:
+        plan_cost = cost["plan"]
+        versus = ", ".join(f"{plan_cost['total_uj'] / cost[p]['total_uj']:.0%} of {label}"
+                           for p, label in (("fp32", "fp32"), ("uniform_16bit", "uniform 16-bit"))
+                           if cost[p]["total_uj"])
+        left = f"; not counted: layers {', '.join(short_name(n) for n in cost['not_counted'])}" \
+            if cost["not_counted"] else ""
+        console.print(f"estimated per training step (batch {cost['batch']}, {cost['table']}): "
+                      f"{plan_cost['total_uj']:.4g} µJ = multiplies {plan_cost['multiply_uj']:.3g} + adds "
+                      f"{plan_cost['add_uj']:.3g} + memory {plan_cost['memory_uj']:.4g} "
+                      f"({plan_cost['memory_mb']:.3g} MB moved); {versus}{left}", highlight=False)
+    families = summary.get("families")
+    if families:
+        chosen = ", ".join(f"{short_name(u)} {f}" for u, f in families["choice"].items())
+        console.print(f"families by {families['objective']}: {chosen}", highlight=False)
 
 
 def _where(report: CheckReport) -> str:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from .check import train_check
+from .cost import CostTable
 from .data import Dataset, load_data
 from .formats import FixedPoint, FloatFormat, Format
 from .plan import Plan, follow_weight
@@ -189,7 +190,7 @@ def validation_split(data: Dataset, fraction: float = VALIDATION_FRACTION, seed:
 def verify(recipe: Recipe, plan: Plan, stats: dict[str, Any], *, tolerance: float = 1.0, rounds: int = 4,
            max_bits: int = 24, seed: int | None = None, seeds: int | None = None, steps: int | None = None,
            step: int = 2, progress: Callable[[str, int, int], None] | None = None,
-           data: Dataset | None = None) -> tuple[Plan, dict[str, Any]]:
+           data: Dataset | None = None, cost: CostTable | None = None) -> tuple[Plan, dict[str, Any]]:
     """Widen ``plan`` while the Kahan run's verdict on a validation split (``VALIDATION_FRACTION``
     of the training examples, held out) is ``failed``, at most ``rounds`` times; an
     ``inconclusive`` verdict stops the widening (the split cannot tell, so the diagnostics
@@ -213,7 +214,7 @@ def verify(recipe: Recipe, plan: Plan, stats: dict[str, Any], *, tolerance: floa
             entry["stopped"] = "nothing left to widen within the bit limit"
             break
         plan = _note(new_plan, changes, number + 1)
-    plan = replace(plan, summary=summarize(plan, stats))
+    plan = replace(plan, summary={**plan.summary, **summarize(plan, stats, cost)})  # the family choice stays
     final = train_check(recipe, plan, tolerance=tolerance, seed=seed, steps=steps, progress=progress, data=data,
                         seeds=seeds)
     outcome = _outcome(final, plan, stats)
