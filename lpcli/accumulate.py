@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import kernels
-from .formats import FixedPoint, FloatFormat, Format
+from .formats import BlockFormat, FixedPoint, FloatFormat, Format, Rounding
 
 
 @dataclass(frozen=True)
@@ -162,14 +162,41 @@ def _round(hi: torch.Tensor, lo: torch.Tensor, fmt: Format) -> tuple[torch.Tenso
 GEMMS = ("forward", "input_grad", "weight_grad")
 
 
+# The roles whose tensors are GEMM operands, the ones a block (MX) format may take: it
+# applies per use, in the GEMMs (OperandFormats).
+BLOCK_ROLES = ("input", "weight", "error")
+# The tensor roles each GEMM multiplies, (a, b) of a @ b: a's rows are summed over its last
+# dimension, b's columns over its first.
+OPERAND_ROLES = {"forward": ("input", "weight"), "input_grad": ("error", "weight"), "weight_grad": ("error", "input")}
+
+
+@dataclass(frozen=True)
+class OperandFormats:
+    """Block (MX) formats of a layer's GEMM operands, applied per use (NUMERICS, "MX block
+    formats"): each GEMM quantizes its operands as it consumes them, the blocks along its
+    reduction dimension (a's rows, b's columns), so a tensor that feeds two GEMMs (the
+    weight: forward and input gradient; the input: forward and weight gradient; the error:
+    both backward GEMMs) is quantized once for each, along that GEMM's sums. A bias (the
+    forward sums' first term) enters as it is. None: the operand enters as it is."""
+
+    input: BlockFormat | None = None
+    weight: BlockFormat | None = None
+    error: BlockFormat | None = None
+
+    def __bool__(self) -> bool:
+        return any(f is not None for f in (self.input, self.weight, self.error))
+
+
 @dataclass(frozen=True)
 class GemmFormats:
-    """The accumulator of each of a layer's three GEMMs (:data:`GEMMS`). None: that GEMM
-    sums in float32 (torch's)."""
+    """The accumulator of each of a layer's three GEMMs (:data:`GEMMS`; None: that GEMM
+    sums in float32, torch's) and the block formats of their operands."""
 
     forward: Format | None = None
     input_grad: Format | None = None
     weight_grad: Format | None = None
+    operands: OperandFormats = OperandFormats()
+    rounding: str = Rounding.NEAREST  # of the operands
 
 
 class GemmTally:
@@ -232,8 +259,24 @@ class _Gemms:
     formats: GemmFormats
     chunk: int | None
     tally: GemmTally | None
+    generator: torch.Generator | None = None  # stochastic rounding of the operands
+    record: Callable[[str, torch.Tensor, torch.Tensor, BlockFormat], None] | None = None  # (role, rows, q, fmt)
 
-    def product(self, kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def product(self, kind: str, a: torch.Tensor, b: torch.Tensor, bias_first: bool = False) -> torch.Tensor:
+        """``a @ b`` with the operands in their block formats (``bias_first``: a's first
+        column and b's first row are the bias's, left as they are) summed in the GEMM's
+        accumulator."""
+        operands = self.formats.operands
+        if operands:
+            skip = int(bias_first)
+            (left_role, right_role) = OPERAND_ROLES[kind]
+            left, right = getattr(operands, left_role), getattr(operands, right_role)
+            if left is not None:
+                blocked = self._blocked(left_role, a[:, skip:], left, -1)
+                a = torch.cat([a[:, :skip], blocked], dim=1) if skip else blocked
+            if right is not None:
+                blocked = self._blocked(right_role, b[skip:], right, 0)
+                b = torch.cat([b[:skip], blocked], dim=0) if skip else blocked
         fmt = getattr(self.formats, kind)
         if fmt is None:
             return a @ b
@@ -241,6 +284,12 @@ class _Gemms:
         q, counts = matmul_counts(a, b, fmt, self.chunk)
         if self.tally is not None:
             self.tally.add(kind, counts, q, a, b)
+        return q
+
+    def _blocked(self, role: str, t: torch.Tensor, fmt: BlockFormat, axis: int) -> torch.Tensor:
+        q = kernels.quantize(t.detach(), fmt, self.formats.rounding, self.generator, axis=axis)
+        if self.record is not None:  # as rows along the blocks
+            self.record(role, t.detach() if axis == -1 else t.detach().t(), q if axis == -1 else q.t(), fmt)
         return q
 
 
@@ -253,7 +302,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemms: _Gemms) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.gemms, ctx.has_bias = gemms, bias is not None
-        y = gemms.product("forward", *linear_operands("forward", x, weight, bias))
+        y = gemms.product("forward", *linear_operands("forward", x, weight, bias), bias_first=bias is not None)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -423,7 +472,8 @@ class _Conv2d(torch.autograd.Function):
                              f"groups={geometry.groups}")
         out_h, out_w = geometry.output_size((x.shape[2], x.shape[3]), (kh, kw))
         pairs = conv2d_operands("forward", x, weight, bias, geometry)
-        outputs = [gemms.product("forward", a, b).reshape(batch, out_h * out_w, -1) for a, b in pairs]
+        outputs = [gemms.product("forward", a, b, bias_first=bias is not None).reshape(batch, out_h * out_w, -1)
+                   for a, b in pairs]
         # The forward's columns (a column of ones first, with a bias) are the weight gradient's b:
         # kept only where a weight or bias gradient will be wanted (a frozen layer keeps none).
         wanted = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -500,13 +550,18 @@ class GemmCall:
             grad = grad.unsqueeze(0)
         return conv2d_operands(kind, x, self.weight, self.bias, self.geometry, grad)
 
-    def run(self, formats: GemmFormats, chunk: int | None, tally: GemmTally | None) -> torch.Tensor:
-        """The call with its GEMMs summed in ``formats``."""
+    def run(self, formats: GemmFormats, chunk: int | None, tally: GemmTally | None,
+            generator: torch.Generator | None = None,
+            record: Callable[[str, torch.Tensor, torch.Tensor, BlockFormat], None] | None = None) -> torch.Tensor:
+        """The call with its GEMMs summed in ``formats`` (``generator``: the operands'
+        stochastic rounding; ``record(role, rows, rounded rows, format)``: sees each operand
+        quantized, its blocks along the rows)."""
+        gemms = _Gemms(formats, chunk, tally, generator, record)
         if self.geometry is None:
-            return _Linear.apply(self.x, self.weight, self.bias, _Gemms(formats, chunk, tally))
+            return _Linear.apply(self.x, self.weight, self.bias, gemms)
         unbatched = self.x.dim() == 3
         y = _Conv2d.apply(self.x.unsqueeze(0) if unbatched else self.x, self.weight, self.bias, self.geometry,
-                          _Gemms(formats, chunk, tally))
+                          gemms)
         return y.squeeze(0) if unbatched else y
 
 
@@ -533,19 +588,22 @@ def gemm_call(func: Any, args: tuple, kwargs: dict, weights: set[int]) -> GemmCa
 
 class AccumulatorMode(TorchFunctionMode):
     """While active, ``F.linear`` and ``F.conv2d`` calls whose weight is one of ``weights``
-    (a planned layer's own parameters: not a child's, not a weight the layer borrows) sum
-    their GEMMs in ``formats``; ``tally_for()`` says where their counts go (None: not
-    counted, as in an evaluation pass). Everything else runs as it is."""
+    (a planned layer's own parameters: not a child's, not a weight the layer borrows) take
+    their operands in ``formats.operands`` and sum their GEMMs in ``formats``;
+    ``tally_for()`` says where their counts go (None: not counted, as in an evaluation
+    pass). Everything else runs as it is."""
 
     def __init__(self, weights: Iterable[torch.Tensor], formats: GemmFormats, chunk: int | None,
-                 tally_for: Callable[[], GemmTally | None]) -> None:
+                 tally_for: Callable[[], GemmTally | None], generator: torch.Generator | None = None,
+                 record: Callable[[str, torch.Tensor, torch.Tensor, BlockFormat], None] | None = None) -> None:
         super().__init__()
         self.weights = {id(w) for w in weights}
-        self.formats, self.chunk, self.tally_for = formats, chunk, tally_for
+        self.formats, self.chunk, self.tally_for, self.generator = formats, chunk, tally_for, generator
+        self.record = record
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         call = gemm_call(func, args, kwargs, self.weights)
         if call is not None:
-            return call.run(self.formats, self.chunk, self.tally_for())
+            return call.run(self.formats, self.chunk, self.tally_for(), self.generator, self.record)
         return func(*args, **kwargs)

@@ -463,8 +463,8 @@ def formats_command(as_json: JsonOpt = False) -> None:
     stdout.print(table)
     stdout.print("fx<W>.<F>: W bits with sign, F fraction bits (2 <= W <= 24). dfx<W>: fraction bits per tensor from "
                  "its maximum. e<E>m<M>: IEEE-style float; e<E>m<M>fn: no infinities, saturating. mx<element>[/<B>]: "
-                 "OCP MX, blocks of B elements (default 32) sharing an 8-bit power-of-two scale; lpcli.quantize "
-                 "rounds onto them, training does not simulate them yet.", markup=False)
+                 "OCP MX, blocks of B elements (default 32) sharing an 8-bit power-of-two scale; in a plan, for "
+                 "the GEMM operands (input, weight, error), quantized per use along each GEMM's sums.", markup=False)
 
 
 def version_callback(value: bool) -> None:

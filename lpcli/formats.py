@@ -317,12 +317,13 @@ def parse_format(spec: str | Format) -> Format:
 
 
 def element_format(spec: str | Format) -> Format:
-    """:func:`parse_format` where values are rounded one at a time (plans, optimizers): a
-    block (MX) format is refused until training simulates block formats."""
+    """:func:`parse_format` where values are rounded one at a time (activations, gradients,
+    optimizer state, softmax, attention, accumulators): a block (MX) format is refused."""
     fmt = parse_format(spec)
     if isinstance(fmt, BlockFormat):
-        raise FormatError(f"{str(fmt)!r} is a block (MX) format: training does not simulate block formats yet "
-                          "(lpcli.quantize rounds onto them); use a fixed-point or float format")
+        raise FormatError(f"{str(fmt)!r} is a block (MX) format: block formats apply to the operands of a layer's "
+                          "GEMMs (its input, weight and error) and to stored weights, not here; use a fixed-point "
+                          "or float format")
     return fmt
 
 

@@ -193,6 +193,19 @@ def _pow2_e8m0(exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(exponent > -127, (exponent + 127) << 23, 1 << 22).view(torch.float32)
 
 
+def block_exponents(rows: torch.Tensor, fmt: BlockFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks of float32 ``rows`` (2-d, blocks along each row; a row's last block is
+    zero-padded) as a ``(rows, blocks, B)`` tensor, and each block's shared exponent e
+    (int32, ``(rows, blocks, 1)``): the largest finite magnitude's exponent field less
+    emax, clamped at -127 (all-zero blocks get -127)."""
+    length = rows.shape[1]
+    blocks = -(-length // fmt.block)
+    padded = torch.nn.functional.pad(rows, (0, blocks * fmt.block - length)).view(rows.shape[0], blocks, fmt.block)
+    bits = padded.view(torch.int32) & 0x7FFFFFFF
+    finite = torch.where(bits < 0x7F800000, bits, 0)
+    return padded, ((finite.amax(-1, keepdim=True) >> 23) - 127 - fmt.emax).clamp_(min=-127)
+
+
 def _torch_blocks(x: torch.Tensor, y: torch.Tensor, fmt: BlockFormat, rounding: str,
                   generator: torch.Generator | None) -> None:
     """MX quantization of the rows of ``x`` into ``y`` with torch operations: per block, the
@@ -200,11 +213,7 @@ def _torch_blocks(x: torch.Tensor, y: torch.Tensor, fmt: BlockFormat, rounding: 
     (exact: the scaled values that underflow lie far below the element's smallest step),
     clamped to the element's range and rounded onto it, and scaled back by 2^e (exact)."""
     length = x.shape[1]
-    blocks = -(-length // fmt.block)
-    padded = torch.nn.functional.pad(x, (0, blocks * fmt.block - length)).view(x.shape[0], blocks, fmt.block)
-    bits = padded.view(torch.int32) & 0x7FFFFFFF
-    finite = torch.where(bits < 0x7F800000, bits, 0)
-    e = ((finite.amax(-1, keepdim=True) >> 23) - 127 - fmt.emax).clamp_(min=-127)
+    padded, e = block_exponents(x, fmt)
     v = padded * _pow2_e8m0(-e)
     v.clamp_(-fmt.element_max, fmt.element_max)
     q = quantize(v, fmt.element_format, rounding, generator)

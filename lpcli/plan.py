@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .accumulate import GEMMS, GemmFormats
+from .accumulate import BLOCK_ROLES, GEMMS, GemmFormats
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import ROWS as ATTENTION_ROWS
 from .files import check_header, header
@@ -190,7 +190,8 @@ def plan_from_document(doc: Any, source: str) -> Plan:
             attention[str(name)] = {role: section.format(role, "fp32") for role in ATTENTION_ROLES}
             if not any(entry.has(t) for t in TENSORS) and not entry.has("parameters"):
                 continue  # a module with attention and nothing else to plan (no weights: no GEMMs of its own)
-        fmts = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None) for t in TENSORS}
+        fmts = {t: entry.format(t, "fp32" if t in OPTIONAL_TENSORS else None, blocks=t in BLOCK_ROLES)
+                for t in TENSORS}
         if not entry.has("compensation"):
             fmts["compensation"] = compensation_format(fmts["weight"])
         layers[str(name)] = fmts

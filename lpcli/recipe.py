@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .accumulate import BLOCK_ROLES
 from .data import validate_data_spec
 from .errors import InputError, did_you_mean
 from .files import read_document
@@ -170,9 +171,9 @@ def _precision(p: Fields) -> Precision:
     layers = {}
     for name, raw in p.section("layers").value.items():
         entry = Fields(p.source, p.sub(f"layers.{name}"), raw, TENSORS)
-        layers[str(name)] = {t: entry.format(t) for t in TENSORS if entry.has(t)}
+        layers[str(name)] = {t: entry.format(t, blocks=t in BLOCK_ROLES) for t in TENSORS if entry.has(t)}
     return Precision(
-        defaults={t: p.format(t) for t in TENSORS if p.has(t)},
+        defaults={t: p.format(t, blocks=t in BLOCK_ROLES) for t in TENSORS if p.has(t)},
         layers=layers,
         softmax_input=p.format("softmax_input") if p.has("softmax_input") else None,
         softmax_error=p.format("softmax_error") if p.has("softmax_error") else None,

@@ -932,16 +932,16 @@ def summarize(plan: Plan, stats: dict[str, Any], cost: CostTable | None = None) 
         params, acts = layer.get("parameters", 0), layer.get("activation_elements", 0)
         for key, tensor, count in (("weights", "weight", params), ("activations", "activation", acts),
                                    ("errors", "error", acts)):
-            totals[key][0] += fmts[tensor].width * count
+            totals[key][0] += stored_bits(fmts[tensor]) * count  # MX: with the block scales' share
             totals[key][1] += count
     average = {key: (bits / count if count else None) for key, (bits, count) in totals.items()}
-    stored_bits = sum(bits for bits, _ in totals.values())
-    stored_count = sum(count for _, count in totals.values())
+    all_bits = sum(bits for bits, _ in totals.values())
+    all_count = sum(count for _, count in totals.values())
     weight_bits, weight_count = totals["weights"]
     return {
         "average_bits": average,
-        "overall_bits": stored_bits / stored_count if stored_count else None,
-        "vs_16bit": stored_bits / (16 * stored_count) if stored_count else None,
+        "overall_bits": all_bits / all_count if all_count else None,
+        "vs_16bit": all_bits / (16 * all_count) if all_count else None,
         "weight_bytes": weight_bits / 8,
         "weight_bytes_16bit": weight_count * 2,
         "storage_bits_per_parameter": storage_bits(plan, stats),
@@ -975,9 +975,9 @@ def storage_bits(plan: Plan, stats: dict[str, Any]) -> dict[str, dict[str, float
                  "variance": fmts["variance"].width if adam else 0}
         plain = rule("weight", layer["weight"], layer.get("update") or {"p50": 0.0}, rules)[0] \
             if layer.get("weight") else fmts["weight"]
-        sizes = {"plan": {"weight": fmts["weight"].width,
-                          "compensation": fmts["compensation"].width if plan.kahan else 0, **state},
-                 "plain": {"weight": max(plain.width, fmts["weight"].width), "compensation": 0, **state},
+        sizes = {"plan": {"weight": stored_bits(fmts["weight"]),
+                          "compensation": stored_bits(fmts["compensation"]) if plan.kahan else 0, **state},
+                 "plain": {"weight": max(plain.width, stored_bits(fmts["weight"])), "compensation": 0, **state},
                  "uniform_16bit": {"weight": 16, "compensation": 0,
                                    **{k: 16 if v else 0 for k, v in state.items()}}}
         for point, widths in sizes.items():

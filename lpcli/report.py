@@ -289,6 +289,18 @@ def _render_diagnostics(report: CheckReport, console: Console, full: bool) -> No
                     "rounded to zero; sat: values saturated (the largest share over the layer's tensors)")
     console.print(diag)
     _hidden_note(console, hidden, "those with the smallest Kahan diagnostics")
+    for name in names:
+        d = report.diagnostics[name]
+        parts = [f"{role} {_pair(d.get(f'{role}_block_flushed', {}), lp_runs)}% flushed, scales over "
+                 f"{_binades(d.get(f'{role}_block_binades', {}), lp_runs)} binades"
+                 for role in ("input", "weight", "error") if f"{role}_block_flushed" in d]
+        if parts:
+            console.print(f"block (MX) operands of {short_name(name)}, {' / '.join(lp_runs)}: {'; '.join(parts)}",
+                          highlight=False)
+
+
+def _binades(values: dict[str, float | None], runs: tuple[str, ...]) -> str:
+    return "/".join("-" if values.get(run) is None else f"{values[run]:.0f}" for run in runs)
 
 
 ATTENTION_COLUMNS = {"P flushed": "probs_flushed", "S sat": "input_saturated", "dP uf": "probs_error_underflow",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import InputError, did_you_mean
-from .formats import Format, FormatError, element_format
+from .formats import Format, FormatError, element_format, parse_format
 
 
 class Fields:
@@ -78,10 +78,11 @@ class Fields:
                           field=self.sub(key))
         return value
 
-    def format(self, key: str, default: str | None = None) -> Format:
+    def format(self, key: str, default: str | None = None, blocks: bool = False) -> Format:
+        """A format; a block (MX) format only with ``blocks`` (a GEMM operand's role)."""
         value = self._required(key, default)
         try:
-            return element_format(value)
+            return parse_format(value) if blocks else element_format(value)
         except FormatError as exc:
             self.fail(str(exc), field=self.sub(key))
             raise  # unreachable

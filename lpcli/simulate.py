@@ -38,21 +38,23 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accumulate import AccumulatorMode, GemmFormats, GemmTally
+from .accumulate import BLOCK_ROLES, AccumulatorMode, GemmFormats, GemmTally, OperandFormats
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, mode_around, simulated_softmax
-from .formats import DynamicFixedPoint, FixedPoint, Float32, Format, Rounding
+from .formats import BlockFormat, DynamicFixedPoint, FixedPoint, Float32, Format, Rounding, lsb
 from .kernels import (
     Backend,
     CountPlan,
     Counts,
     absmax_value,
+    block_exponents,
     count_plan,
     kernel_backend,
     quantize,
@@ -101,14 +103,14 @@ class Counter:
     def totals(self, value: torch.Tensor | None) -> None:
         self._device, self._host = value, None
 
-    def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format) -> None:
+    def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format, saturated: torch.Tensor | None = None) -> None:
         # Rounding maps 0 to 0, so the values that underflowed are the non-zeros of x
         # that are zeros of q: nonzero(x) - nonzero(q). Two counting passes, no masks.
         nonzero = torch.count_nonzero(x)
         counts = torch.stack([
             torch.full((), float(x.numel()), device=x.device, dtype=torch.float64),  # a fill, not a host copy
             nonzero.double(),
-            _saturated_count(x, fmt),
+            _saturated_count(x, fmt) if saturated is None else saturated.double(),
             (nonzero - torch.count_nonzero(q)).double(),
         ])
         self._device = counts if self._device is None else self._device.add_(counts)
@@ -278,6 +280,32 @@ class _InputPoint:
                 return False
             self.counts.add(x.numel(), nonzero, nonzero, 0)
         return True
+
+
+class _BlockOperands:
+    """What a layer's GEMMs did to their block-format (MX) operands, per role: the counts
+    (a value flushed to zero within its block underflowed; one beyond the element's range
+    at its block's scale, which the spec's floor scale allows, saturated) and the range
+    of the block exponents seen (blocks holding a non-zero value)."""
+
+    def __init__(self, simulator: Simulator) -> None:
+        self.simulator = simulator
+        self.counts: dict[str, Counter] = {}
+        self.exponents: dict[str, list[int]] = {}
+
+    def record(self, role: str, rows: torch.Tensor, q: torch.Tensor, fmt: BlockFormat) -> None:
+        if not self.simulator.recording:
+            return
+        padded, e = block_exponents(rows.float().contiguous(), fmt)
+        element = fmt.element_format
+        reach = fmt.element_max + lsb(element, fmt.element_max) / 2  # beyond it rounding saturates
+        beyond = torch.count_nonzero(padded.abs() > reach * torch.pow(2.0, e.float()))
+        self.counts.setdefault(role, Counter()).record(rows, q, fmt, saturated=beyond)
+        live = e[padded.abs().nan_to_num(0.0, 0.0, 0.0).amax(-1, keepdim=True) > 0]
+        if live.numel():
+            low, high = int(live.min()), int(live.max())
+            seen = self.exponents.setdefault(role, [low, high])
+            seen[0], seen[1] = min(seen[0], low), max(seen[1], high)
 
 
 class _LayerPoint:
@@ -475,14 +503,24 @@ class Simulator:
         # What each layer was seen to carry ("called", "input", "output": floating-point
         # tensors), so the report lists a float32 role only where it held a value.
         self.seen: dict[str, set[str]] = {name: set() for name in layers}
+        operands = {name: OperandFormats(**{role: f for role in BLOCK_ROLES
+                                            if isinstance(f := formats.get(role), BlockFormat)})
+                    for name, formats in layers.items()}
         for name, formats in layers.items():
             module = modules[name]
+            if operands[name] and not any(p.dim() in (2, 4) for p in module.parameters(recurse=False)):
+                raise ValueError(f"layer {name!r}: block (MX) formats apply to the operands of its own F.linear or "
+                                 f"F.conv2d, and it has no 2-d or 4-d weight of its own (a {type(module).__name__})")
             input_format = formats.get("input", fp32)
+            if isinstance(input_format, BlockFormat):
+                input_format = fp32  # quantized per use, in the GEMMs
             input_point = None
             if not isinstance(input_format, Float32):
                 input_point = self.inputs[name] = _InputPoint(self, input_format)
             self._handles.append(module.register_forward_pre_hook(_input_hook(self.seen[name], input_point)))
             activation, error = formats.get("activation", fp32), formats.get("error", fp32)
+            if isinstance(error, BlockFormat):
+                error = fp32  # quantized per use, in the backward GEMMs
             quantized = not (isinstance(activation, Float32) and isinstance(error, Float32))
             point = None
             if name != output_layer and module is not model and quantized:
@@ -501,11 +539,19 @@ class Simulator:
             self._handles.extend(mode_around(modules[name], lambda softmax=point.softmax: AttentionMode(
                 lambda: softmax)))
         self.gemm_tallies: dict[str, GemmTally] = {}
-        for name, gemms in accumulators.items():
-            tally = self.gemm_tallies[name] = GemmTally()
+        self.block_operands = {name: _BlockOperands(self) for name in layers if operands[name]}
+        for name in [*accumulators, *(n for n in layers if operands[n] and n not in accumulators)]:
+            gemms = replace(accumulators.get(name, GemmFormats()), operands=operands.get(name, OperandFormats()),
+                            rounding=rounding)
+            tally = GemmTally() if name in accumulators else None
+            if tally is not None:
+                self.gemm_tallies[name] = tally
             weights = list(modules[name].parameters(recurse=False))
-            self._handles.extend(mode_around(modules[name], lambda gemms=gemms, weights=weights, tally=tally: (
-                AccumulatorMode(weights, gemms, accumulator_chunk, lambda: tally if self.recording else None))))
+            blocks = self.block_operands.get(name)
+            self._handles.extend(mode_around(modules[name], lambda gemms=gemms, weights=weights, tally=tally,
+                                             blocks=blocks: AccumulatorMode(
+                weights, gemms, accumulator_chunk, lambda: tally if self.recording else None, generator,
+                None if blocks is None else blocks.record)))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy through the quantized softmax."""
@@ -538,6 +584,10 @@ class Simulator:
             layers[name]["error"] = point.error_counts.as_dict()
         for name, counter in self.grad_counts.items():
             layers.setdefault(name, {})["weight_grad"] = counter.as_dict()
+        for name, blocks in self.block_operands.items():  # input and error per use, in the GEMMs
+            for role, counter in blocks.counts.items():
+                if role != "weight":
+                    layers.setdefault(name, {})[role] = counter.as_dict()
         error = self.softmax_error_counts.as_dict()
         target_nonzero, target_flushed = self.target_error_counts.tolist()
         counted = error["nonzero"] - target_nonzero
@@ -546,6 +596,9 @@ class Simulator:
             "attention": {name: {"keys": point.keys, **{role: c.as_dict() for role, c in point.counts.items()}}
                           for name, point in self.attention.items()},
             "accumulators": {name: tally.as_dict() for name, tally in self.gemm_tallies.items()},
+            "block_operands": {name: {role: {**blocks.counts[role].as_dict(), "exponents": blocks.exponents.get(role)}
+                                      for role in blocks.counts}
+                               for name, blocks in self.block_operands.items()},
             "softmax_input": self.softmax_input_counts.as_dict(),
             "softmax_error": error,
             "non_target_flushed": (error["underflow"] - target_flushed) / counted if counted else None,

@@ -235,6 +235,13 @@ class Simulation:
                 share = shares(c)
                 layers[name][f"{tensor}_underflow"] = share["underflow"]
                 layers[name][f"{tensor}_saturated"] = share["saturated"]
+        for name, roles in counts["block_operands"].items():  # MX operands, as the GEMMs took them
+            for role, c in roles.items():
+                share, exponents = shares(c), c["exponents"]
+                layers[name][f"{role}_block_flushed"] = share["underflow"]
+                layers[name][f"{role}_saturated"] = share["saturated"]
+                layers[name][f"{role}_block_binades"] = (None if exponents is None
+                                                         else float(exponents[1] - exponents[0]))
         return {
             "layers": layers,
             "attention": {name: attention_diagnostics(values) for name, values in counts["attention"].items()},

@@ -61,13 +61,14 @@ import torch
 
 from .formats import (
     MAX_FIXED_WIDTH,
+    BlockFormat,
     DynamicFixedPoint,
     FixedPoint,
     Float32,
     FloatFormat,
     Format,
     Rounding,
-    element_format,
+    parse_format,
     saturated,
 )
 from .kernels import quantize
@@ -118,10 +119,16 @@ def compensation_format(weight_format: Format, frac: int | None = None) -> Forma
 
 def round_onto(x: torch.Tensor, fmt: Format, out: torch.Tensor | None = None, rounding: str = Rounding.NEAREST,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Round in place (``out`` None) or into ``out``; fp32 costs nothing."""
+    """Round in place (``out`` None) or into ``out``; fp32 costs nothing. A block (MX)
+    format blocks a tensor of more than two dimensions along its flattened trailing ones
+    (a convolution's fan-in, in the order its forward GEMM sums), as the layers' GEMMs take
+    it; others along their last dimension."""
     if isinstance(fmt, Float32):
         return x if out is None else out.copy_(x)
-    return quantize(x, fmt, rounding, generator, out=x if out is None else out)
+    target = x if out is None else out
+    if isinstance(fmt, BlockFormat) and x.dim() > 2:
+        return target.copy_(quantize(x.reshape(len(x), -1), fmt, rounding, generator).reshape(x.shape))
+    return quantize(x, fmt, rounding, generator, out=target)
 
 
 class LowPrecisionOptimizer(torch.optim.Optimizer):
@@ -216,10 +223,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if group["mode"] not in MODES:
             raise ValueError(f"unknown mode {group['mode']!r}; use one of {', '.join(MODES)}")
         group["mode"] = Mode(group["mode"]).value  # a plain string: state dicts load with weights_only=True
-        group["weight_format"] = element_format(group["weight_format"])
+        group["weight_format"] = parse_format(group["weight_format"])
         if group["comp_format"] is None:
             group["comp_format"] = compensation_format(group["weight_format"])
-        group["comp_format"] = element_format(group["comp_format"])
+        group["comp_format"] = parse_format(group["comp_format"])
         group["kahan"] = group["mode"] == Mode.KAHAN
 
     def _store_state(self, state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -312,7 +319,7 @@ def store(w: torch.Tensor, u: torch.Tensor, state: dict[str, Any], group: dict[s
     wf, cf, mode = group["weight_format"], group["comp_format"], group["mode"]
     if mode == Mode.KAHAN:
         c = state["compensation"]
-        float_c = isinstance(cf, FloatFormat)
+        float_c = isinstance(cf, (FloatFormat, BlockFormat))  # a step that follows the value
         y = u - c
         if float_c:
             round_onto(y, cf)
@@ -368,7 +375,7 @@ def store_foreach(ws: list[torch.Tensor], us: list[torch.Tensor], states: list[d
     wf, cf, mode = group["weight_format"], group["comp_format"], group["mode"]
     if mode == Mode.KAHAN:
         cs = [s["compensation"] for s in states]
-        float_c = isinstance(cf, FloatFormat)
+        float_c = isinstance(cf, (FloatFormat, BlockFormat))  # a step that follows the value
         y = torch._foreach_sub(us, cs)
         if float_c:
             for v in y:
