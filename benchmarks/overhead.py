@@ -1,7 +1,7 @@
 """What the simulation costs: one training step of train-check's fp32, plain and Kahan runs.
 
     PYTHONPATH=. python benchmarks/overhead.py [RECIPE ...] [--rounds 60] [--warmup 10] [--threads N]
-        [--profile plain|kahan] [--seed 0] [--accumulators 32 1]
+        [--profile plain|kahan] [--seed 0] [--accumulators 32 1] [--mx mxfp8-e4m3]
 
 For each recipe (default: digits-mlp, digits-cnn, fashion-cnn, fashion-resnet, vit-fashion) the model,
 data, batches and plan come from the functions ``lpcli train-check`` uses (``prepare_run``,
@@ -24,6 +24,9 @@ that run's step (self CPU time per operator, over ``--rounds`` steps).
 ``--accumulators C ...`` adds, per chunk size C, a Kahan run whose plan also has every
 layer's GEMM accumulators (``recommend --accumulators --accumulator-chunk C``; C = 0: one
 sequential sum), stepped in the same rounds, and a second table of their step times.
+``--mx FORMAT ...`` adds, per MX format, a Kahan run with that format on every GEMM layer's
+input, weight and error (quantized per use in the GEMMs; an fp16 compensation), in that
+second table too.
 
 Targets: simulated Kahan step <= 1.3x fp32 on fashion-cnn and fashion-resnet, <= 2x on
 digits-mlp (issue 14) and on vit-fashion, whose attention is simulated too (issue 15); with
@@ -37,7 +40,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,7 @@ from lpcli import distributed
 from lpcli.data import Dataset, batch_indices
 from lpcli.distributed import World
 from lpcli.errors import InputError
+from lpcli.formats import parse_format
 from lpcli.kernels import kernel_backend
 from lpcli.models import run_model
 from lpcli.plan import Plan
@@ -124,6 +128,20 @@ def accumulator_run(chunk: int) -> str:
     return f"acc c={chunk}" if chunk else "acc seq"
 
 
+def mx_plan(plan: Plan, stats: dict, fmt: str) -> Plan:
+    """``plan`` with ``fmt`` (an MX format) on the GEMM operands (input, weight, error) of
+    every layer whose GEMMs the stats saw (the output layer's error is the softmax's), and
+    an fp16 compensation for those weights."""
+    block, layers = parse_format(fmt), {}
+    for name, fmts in plan.layers.items():
+        fmts = dict(fmts)
+        if name in (stats.get("gemms") or {}):
+            roles = ("input", "weight") if name == plan.output_layer else ("input", "weight", "error")
+            fmts.update({role: block for role in roles}, compensation=parse_format("fp16"))
+        layers[name] = fmts
+    return replace(plan, layers=layers)
+
+
 def measure(name: str, args: argparse.Namespace) -> dict[str, list[float]] | None:
     try:
         recipe = load_recipe(name)
@@ -142,6 +160,8 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, list[float]] | Non
         rules = Rules(accumulators=True, accumulator_chunk=chunk or None)
         plans.append((accumulator_run(chunk), "kahan", recommend(stats, rules, recipe.precision,
                                                                  source=recipe.source)))
+    for fmt in args.mx:
+        plans.append((fmt, "kahan", mx_plan(plan, stats, fmt)))
     runs = []
     for label, run, run_plan in plans:
         copy_ = copy.deepcopy(model)
@@ -188,6 +208,8 @@ def main() -> None:
     parser.add_argument("--profile", choices=("fp32", "plain", "kahan"), default=None)
     parser.add_argument("--accumulators", nargs="*", type=int, default=[], metavar="CHUNK",
                         help="also Kahan runs with accumulators in chunks of CHUNK terms (0: sequential)")
+    parser.add_argument("--mx", nargs="*", default=[], metavar="FORMAT",
+                        help="also Kahan runs with this MX format on every GEMM layer's input, weight and error")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -212,19 +234,20 @@ def main() -> None:
             f"<= {target:g}: {'met' if mins['kahan'] / mins['fp32'] <= target else 'missed'}")
         print(f"{name:>15} | {cells[0]:>16} | {cells[1]:>16} | {cells[2]:>16} | {ratios[0]:>11} | {ratios[1]:>11} | "
               f"{verdict}")
-    if args.accumulators:
-        header = (f"{'recipe':>15} | {'accumulators':>12} | {'kahan+acc ms min/med':>20} | {'/fp32 min/med':>13} | "
+    extra = [(accumulator_run(chunk), chunk) for chunk in args.accumulators] + [(fmt, None) for fmt in args.mx]
+    if extra:
+        header = (f"{'recipe':>15} | {'kahan with':>12} | {'ms min/med':>20} | {'/fp32 min/med':>13} | "
                   "target")
         print("\n" + header + "\n" + "-" * len(header))
         for name, times in rows:
             fp32_min, fp32_med = min(times["fp32"]), statistics.median(times["fp32"])
-            for chunk in args.accumulators:
-                t = times[accumulator_run(chunk)]
+            for label, chunk in extra:
+                t = times[label]
                 ratio = min(t) / fp32_min
                 target = ACCUMULATOR_TARGETS.get((name, chunk))
                 verdict = "" if target is None else f"<= {target:g}: {'met' if ratio <= target else 'missed'}"
                 med = statistics.median(t)
-                print(f"{name:>15} | {accumulator_run(chunk):>12} | {min(t) * 1e3:9.1f}/{med * 1e3:<10.1f} | "
+                print(f"{name:>15} | {label:>12} | {min(t) * 1e3:9.1f}/{med * 1e3:<10.1f} | "
                       f"{ratio:5.2f}/{med / fp32_med:<7.2f} | {verdict}")
 
 

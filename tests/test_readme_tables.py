@@ -45,3 +45,12 @@ def test_schedule_stall_rows_match_the_readme():
     printed = run("schedule_stall.py")
     rows = [line for line in printed if line[:5].strip().isdigit()]
     assert rows and all(row in shown for row in rows), "\n".join(rows)
+
+
+def test_objective_rows_match_the_readme():
+    """benchmarks/objectives.py on the two recipes where the energy objective moves a layer
+    (each analyzes in seconds; nothing is trained)."""
+    readme = (ROOT / "README.md").read_text()
+    printed = run("objectives.py", "digits-cnn", "synthetic-100")
+    rows = [line for line in printed if line.startswith("| digits-cnn") or line.startswith("| synthetic-100")]
+    assert len(rows) == 2 and all(row in readme for row in rows), "\n".join(rows)
