@@ -352,7 +352,42 @@ typedef struct {
     FixedArgs fixed;     /* MX_FIXED: int8, symmetric, saturating */
     NearestArgs nearest; /* MX_NEAREST: float elements, nearest, saturating (finite) */
     GeneralArgs general; /* MX_GENERAL: float elements, zero or stochastic, saturating */
+    int count;           /* also count into *counts (see BlockCounts) */
+    float reach;         /* the element's largest value plus half its spacing there */
+    struct BlockCounts *counts;
 } MxArgs;
+
+/* What an MX rounding did (the simulator's diagnostics): non-zero inputs and results (a
+ * non-zero input whose result is zero was flushed within its block), inputs beyond the
+ * element's reach at their block's scale (saturated), and the smallest and largest shared
+ * exponent of the blocks holding a non-zero finite value (emin > emax: none). */
+typedef struct BlockCounts {
+    int64_t nonzero_x, nonzero_q, beyond;
+    int emin, emax;
+} BlockCounts;
+
+ALWAYS_INLINE int64_t count_nonzero(const float *restrict v, int64_t n) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) c += v[i] != 0.0f;
+    return c;
+}
+
+/* A block's inputs into the counts, before its results are written (y may be x). */
+ALWAYS_INLINE void count_mx_block(const float *restrict x, int64_t n, float inv, float reach, int e,
+                               BlockCounts *counts) {
+    int64_t nonzero = 0, beyond = 0, live = 0;
+    for (int64_t i = 0; i < n; i++) {
+        nonzero += x[i] != 0.0f;
+        beyond += fabsf(x[i] * inv) > reach; /* NaN: not beyond */
+        live += x[i] != 0.0f && fabsf(x[i]) < INFINITY;
+    }
+    counts->nonzero_x += nonzero;
+    counts->beyond += beyond;
+    if (live) {
+        counts->emin = e < counts->emin ? e : counts->emin;
+        counts->emax = e > counts->emax ? e : counts->emax;
+    }
+}
 
 /* 2^e for e in [-127, 127] (2^-127 is subnormal) */
 ALWAYS_INLINE float pow2_e8m0(int e) { return e > -127 ? float_of((uint32_t)(e + 127) << 23) : float_of(1U << 22); }
@@ -401,7 +436,9 @@ ALWAYS_INLINE float mx_float_nearest(float v, float scale, float max_value, uint
         const int e = block_exponent(x, n, emax);                                         \
         const float inv = pow2_e8m0(-e), up = pow2_e8m0(e);                               \
         (void)offset;                                                                     \
+        if (counting) count_mx_block(x, n, inv, reach, e, counts);                        \
         LOOP(element * up)                                                                \
+        if (counting) counts->nonzero_q += count_nonzero(y, n);                           \
     }
 
 /* Every block of x[0, total) (a whole number of rows); blocks of 32 with a constant count,
@@ -419,7 +456,9 @@ static void mx_run(const float *restrict src, float *restrict dst, int64_t total
     const MxArgs *a = args; /* copied into locals: y must not seem to alias them */
     const uint32_t key0 = a->key0, key1 = a->key1;
     const int64_t row = a->row, block = a->block;
-    const int emax = a->emax;
+    const int emax = a->emax, counting = a->count;
+    const float reach = a->reach;
+    BlockCounts *counts = a->counts;
     if (a->element == MX_FIXED) {
         const FixedArgs *f = &a->fixed;
         const float lo = f->lo, hi = f->hi, step = f->step, scale = f->scale;
@@ -816,8 +855,9 @@ static const Field general_fields[] = {
     FIELD(GeneralArgs, overflow_scale, T_F64), FIELD(GeneralArgs, overflow_unscale, T_F64),
     FIELD(GeneralArgs, inf_scale1, T_F64),     FIELD(GeneralArgs, inf_scale2, T_F64),
     FIELD(GeneralArgs, to_inf, T_INT),         FIELD(GeneralArgs, keep_inf, T_INT)};
-static const Field mx_fields[] = {FIELD(MxArgs, row, T_I64), FIELD(MxArgs, block, T_I64),
-                                  FIELD(MxArgs, emax, T_INT)};
+static const Field mx_fields[] = {FIELD(MxArgs, row, T_I64),   FIELD(MxArgs, block, T_I64),
+                                  FIELD(MxArgs, emax, T_INT),  FIELD(MxArgs, count, T_INT),
+                                  FIELD(MxArgs, reach, T_F32)};
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 static int read_fields(PyObject *spec, const char *kind, const Field *fields, size_t count, void *out,
@@ -948,7 +988,8 @@ static int parse_quantizer(PyObject *spec, Quantizer *q, int blocks) {
     return -1;
 }
 
-/* quantize(src, dst, n, spec, offset): y = Q(x) over n elements; offset: the index of the
+/* quantize(src, dst, n, spec, offset): y = Q(x) over n elements (None, or for an MX spec
+ * with "count" set, its BlockCounts as (nonzero x, nonzero y, beyond, emin, emax)); offset: the index of the
  * first element in the whole tensor (it picks the random numbers of stochastic rounding). */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Quantizer q;
@@ -958,8 +999,14 @@ static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t n
     const long long n = as_long(args[2]);
     const uint64_t offset = as_ulong(args[4]);
     if (PyErr_Occurred()) return NULL;
+    BlockCounts counts = {0, 0, 0, 1000, -1000};
+    if (q.run == mx_run) q.args.mx.counts = &counts;
     Py_BEGIN_ALLOW_THREADS quantize_block(&q, x, y, n > 0 ? (int64_t)n : 0, offset);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+    Py_END_ALLOW_THREADS;
+    if (q.run == mx_run && q.args.mx.count)
+        return Py_BuildValue("LLLii", (long long)counts.nonzero_x, (long long)counts.nonzero_q,
+                             (long long)counts.beyond, counts.emin, counts.emax);
+    Py_RETURN_NONE;
 }
 
 /* The store's part of a step's arguments: w, c, intended (addresses), flags, wspec, cspec,

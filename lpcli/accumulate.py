@@ -260,23 +260,28 @@ class _Gemms:
     chunk: int | None
     tally: GemmTally | None
     generator: torch.Generator | None = None  # stochastic rounding of the operands
-    record: Callable[[str, torch.Tensor, torch.Tensor, BlockFormat], None] | None = None  # (role, rows, q, fmt)
+    record: Callable[[str, kernels.BlockStats], None] | None = None  # what each operand's quantization did
 
     def product(self, kind: str, a: torch.Tensor, b: torch.Tensor, bias_first: bool = False) -> torch.Tensor:
-        """``a @ b`` with the operands in their block formats (``bias_first``: a's first
-        column and b's first row are the bias's, left as they are) summed in the GEMM's
-        accumulator."""
+        """``a @ b`` with the operands in their block formats summed in the GEMM's
+        accumulator. ``bias_first``: the bias's terms come first and stay as they are (the
+        forward's: a's first column of ones and b's first row, the bias; the weight
+        gradient's: b's first column of ones)."""
         operands = self.formats.operands
         if operands:
-            skip = int(bias_first)
             (left_role, right_role) = OPERAND_ROLES[kind]
             left, right = getattr(operands, left_role), getattr(operands, right_role)
+            forward_bias, gradient_bias = bias_first and kind == "forward", bias_first and kind == "weight_grad"
             if left is not None:
-                blocked = self._blocked(left_role, a[:, skip:], left, -1)
-                a = torch.cat([a[:, :skip], blocked], dim=1) if skip else blocked
+                blocked = self._blocked(left_role, a[:, 1:] if forward_bias else a, left, -1)
+                a = torch.cat([a[:, :1], blocked], dim=1) if forward_bias else blocked
             if right is not None:
-                blocked = self._blocked(right_role, b[skip:], right, 0)
-                b = torch.cat([b[:skip], blocked], dim=0) if skip else blocked
+                if forward_bias:
+                    b = torch.cat([b[:1], self._blocked(right_role, b[1:], right, 0)], dim=0)
+                elif gradient_bias:
+                    b = torch.cat([b[:, :1], self._blocked(right_role, b[:, 1:], right, 0)], dim=1)
+                else:
+                    b = self._blocked(right_role, b, right, 0)
         fmt = getattr(self.formats, kind)
         if fmt is None:
             return a @ b
@@ -287,9 +292,10 @@ class _Gemms:
         return q
 
     def _blocked(self, role: str, t: torch.Tensor, fmt: BlockFormat, axis: int) -> torch.Tensor:
-        q = kernels.quantize(t.detach(), fmt, self.formats.rounding, self.generator, axis=axis)
-        if self.record is not None:  # as rows along the blocks
-            self.record(role, t.detach() if axis == -1 else t.detach().t(), q if axis == -1 else q.t(), fmt)
+        if self.record is None:
+            return kernels.quantize(t.detach(), fmt, self.formats.rounding, self.generator, axis=axis)
+        q, stats = kernels.quantize_blocks(t.detach(), fmt, self.formats.rounding, self.generator, axis=axis)
+        self.record(role, stats)
         return q
 
 
@@ -314,7 +320,8 @@ class _Linear(torch.autograd.Function):
             dx = gemms.product("input_grad", *linear_operands("input_grad", x, weight, None, grad)).reshape(x.shape)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             bias = weight.new_empty(0) if ctx.has_bias else None  # only whether there is one matters here
-            both = gemms.product("weight_grad", *linear_operands("weight_grad", x, weight, bias, grad))
+            both = gemms.product("weight_grad", *linear_operands("weight_grad", x, weight, bias, grad),
+                                 bias_first=ctx.has_bias)
             dw, db = (both[:, 1:], both[:, 0]) if ctx.has_bias else (both, None)
         return dx, dw, db, None
 
@@ -495,7 +502,8 @@ class _Conv2d(torch.autograd.Function):
             dx = torch.cat(parts, dim=1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             errors = _errors_by_channel(grad, weight.shape[0], geometry.groups)
-            both = [gemms.product("weight_grad", dy, b) for dy, b in zip(errors, columns, strict=True)]
+            both = [gemms.product("weight_grad", dy, b, bias_first=ctx.has_bias)
+                    for dy, b in zip(errors, columns, strict=True)]
             if ctx.has_bias:
                 db = torch.cat([t[:, 0] for t in both])
                 both = [t[:, 1:] for t in both]
@@ -552,10 +560,9 @@ class GemmCall:
 
     def run(self, formats: GemmFormats, chunk: int | None, tally: GemmTally | None,
             generator: torch.Generator | None = None,
-            record: Callable[[str, torch.Tensor, torch.Tensor, BlockFormat], None] | None = None) -> torch.Tensor:
+            record: Callable[[str, kernels.BlockStats], None] | None = None) -> torch.Tensor:
         """The call with its GEMMs summed in ``formats`` (``generator``: the operands'
-        stochastic rounding; ``record(role, rows, rounded rows, format)``: sees each operand
-        quantized, its blocks along the rows)."""
+        stochastic rounding; ``record(role, stats)``: what quantizing each operand did)."""
         gemms = _Gemms(formats, chunk, tally, generator, record)
         if self.geometry is None:
             return _Linear.apply(self.x, self.weight, self.bias, gemms)
@@ -595,7 +602,7 @@ class AccumulatorMode(TorchFunctionMode):
 
     def __init__(self, weights: Iterable[torch.Tensor], formats: GemmFormats, chunk: int | None,
                  tally_for: Callable[[], GemmTally | None], generator: torch.Generator | None = None,
-                 record: Callable[[str, torch.Tensor, torch.Tensor, BlockFormat], None] | None = None) -> None:
+                 record: Callable[[str, kernels.BlockStats], None] | None = None) -> None:
         super().__init__()
         self.weights = {id(w) for w in weights}
         self.formats, self.chunk, self.tally_for, self.generator = formats, chunk, tally_for, generator

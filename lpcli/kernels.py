@@ -89,7 +89,7 @@ def quantize(
     if isinstance(fmt, Float32):
         return x if out is None else out.copy_(x)
     if isinstance(fmt, BlockFormat):
-        y = _quantize_blocks(x.detach().float(), fmt, rounding, generator, axis, out)
+        y, _ = _quantize_blocks(x.detach().float(), fmt, rounding, generator, axis, out)
         if out is not None:
             return y if y is out else out.copy_(y)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -154,13 +154,51 @@ def _fixed_params(fmt: Format, xf: torch.Tensor,
     return (fmt.width, frac, saturate)
 
 
+class BlockStats(NamedTuple):
+    """What an MX rounding did: elements, non-zero inputs, non-zero results (the difference:
+    values flushed to zero within their block), inputs beyond the element's largest value
+    (plus half its spacing there) at their block's scale, and the smallest and largest
+    shared exponent of the blocks holding a non-zero finite value (None without one)."""
+
+    elements: int
+    nonzero: int
+    nonzero_rounded: int
+    beyond: int
+    emin: int | None
+    emax: int | None
+
+
+def quantize_blocks(x: torch.Tensor, fmt: BlockFormat | str, rounding: str = Rounding.NEAREST,
+                    generator: torch.Generator | None = None, axis: int = -1) -> tuple[torch.Tensor, BlockStats]:
+    """:func:`quantize` onto a block (MX) format and its :class:`BlockStats`, counted in
+    the same pass by the C kernels (by torch operations elsewhere)."""
+    fmt = parse_format(fmt)
+    if not isinstance(fmt, BlockFormat):
+        raise FormatError(f"quantize_blocks needs a block (MX) format, got {fmt}")
+    if rounding not in ROUNDINGS:
+        raise FormatError(f"unknown rounding {rounding!r}; use one of {', '.join(ROUNDINGS)}")
+    y, stats = _quantize_blocks(x.detach().float(), fmt, rounding, generator, axis, count=True)
+    assert stats is not None
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)), stats
+
+
+def _reach(fmt: BlockFormat) -> float:
+    """The element's largest value plus half its spacing there: beyond it, saturated."""
+    element = fmt.element_format
+    top = fmt.element_max
+    spacing = element.step if isinstance(element, FixedPoint) else math.ldexp(1.0, math.frexp(top)[1] - 1 - element.man)
+    return top + spacing / 2
+
+
 def _quantize_blocks(x: torch.Tensor, fmt: BlockFormat, rounding: str, generator: torch.Generator | None,
-                     axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                     axis: int, out: torch.Tensor | None = None,
+                     count: bool = False) -> tuple[torch.Tensor, BlockStats | None]:
     """MX quantization of float32 ``x`` with blocks along ``axis``: into ``out`` where it can
     take the rows as they are (contiguous float32, blocks along its last dimension, not a
-    shifted overlap of x), else into a new contiguous tensor."""
+    shifted overlap of x), else into a new contiguous tensor; with ``count``, its stats."""
     if x.dim() == 0:
-        return _quantize_blocks(x.reshape(1), fmt, rounding, generator, -1).reshape(())
+        y, stats = _quantize_blocks(x.reshape(1), fmt, rounding, generator, -1, count=count)
+        return y.reshape(()), stats
     try:
         dim = range(x.dim())[axis]
     except IndexError:
@@ -174,18 +212,44 @@ def _quantize_blocks(x: torch.Tensor, fmt: BlockFormat, rounding: str, generator
         and (out.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr() or out.data_ptr() == rows.data_ptr())
     )
     y = out if direct else torch.empty_like(rows)
+    stats = BlockStats(rows.numel(), 0, 0, 0, None, None) if count else None
     if rows.numel():
         length = rows.shape[-1]
         # rows made of whole blocks are one run of blocks, which threads may split anywhere
         # between blocks (at whole cache lines)
         row, align = (fmt.block, math.lcm(fmt.block, 64)) if length % fmt.block == 0 else (length, length)
-        native = native_block_spec(fmt, rounding, generator, row) if rows.is_cpu else None
+        native = native_block_spec(fmt, rounding, generator, row, count) if rows.is_cpu else None
         with torch.no_grad():
             if native is not None:
-                _run_native(native, rows, y, align=align)
+                parts = _run_native(native, rows, y, align=align)
+                if count:
+                    stats = _merged(rows.numel(), parts)
             else:
+                if count:
+                    stats = _torch_block_stats(rows.view(-1, length), fmt)
                 _torch_blocks(rows.view(-1, length), y.view(-1, length), fmt, rounding, generator)
-    return y if direct else y.movedim(-1, dim).contiguous()
+                if count:
+                    stats = stats._replace(nonzero_rounded=int(torch.count_nonzero(y)))
+    return (y if direct else y.movedim(-1, dim).contiguous()), stats
+
+
+def _merged(elements: int, parts: list[tuple[int, int, int, int, int]]) -> BlockStats:
+    lows = [p[3] for p in parts if p[3] <= p[4]]
+    highs = [p[4] for p in parts if p[3] <= p[4]]
+    return BlockStats(elements, sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                      min(lows) if lows else None, max(highs) if highs else None)
+
+
+def _torch_block_stats(rows: torch.Tensor, fmt: BlockFormat) -> BlockStats:
+    """:class:`BlockStats` of rows before rounding (nonzero_rounded left 0), by torch operations."""
+    padded, e = block_exponents(rows, fmt)
+    magnitude = padded.abs()
+    beyond = int(torch.count_nonzero(magnitude * _pow2_e8m0(-e) > _reach(fmt)))
+    live = ((magnitude > 0) & (magnitude < math.inf)).any(-1, keepdim=True)
+    exponents = e[live]
+    return BlockStats(rows.numel(), int(torch.count_nonzero(rows)), 0, beyond,
+                      int(exponents.min()) if exponents.numel() else None,
+                      int(exponents.max()) if exponents.numel() else None)
 
 
 def _pow2_e8m0(exponent: torch.Tensor) -> torch.Tensor:
@@ -796,7 +860,8 @@ def native_spec(
                    "inf_scale2": p.inf_scales[1], "to_inf": int(p.to_inf), "keep_inf": int(p.keep_inf)}
 
 
-def native_block_spec(fmt: BlockFormat, rounding: str, generator: torch.Generator | None, row: int) -> dict | None:
+def native_block_spec(fmt: BlockFormat, rounding: str, generator: torch.Generator | None, row: int,
+                      count: bool = False) -> dict | None:
     """The C kernels' description of MX rounding of rows of ``row`` elements (blocks run
     along each row, the last one shorter where row is not a multiple of the block size),
     or None without the C kernels. Its element quantizer saturates: IEEE
@@ -812,7 +877,7 @@ def native_block_spec(fmt: BlockFormat, rounding: str, generator: torch.Generato
     else:
         spec |= {"limit": fmt.element_max, "to_inf": 0, "keep_inf": 0}
     return {"kind": "mx", "mode": spec["mode"], "key": spec["key"], "row": row, "block": fmt.block,
-            "emax": fmt.emax, "element": spec}
+            "emax": fmt.emax, "count": int(count), "reach": _reach(fmt), "element": spec}
 
 
 def addresses(*operands: tuple[torch.Tensor | None, int]) -> list[int]:
@@ -834,12 +899,13 @@ def addresses(*operands: tuple[torch.Tensor | None, int]) -> list[int]:
     return found
 
 
-def _run_native(spec: dict, x: torch.Tensor, y: torch.Tensor, align: int = 64) -> None:
+def _run_native(spec: dict, x: torch.Tensor, y: torch.Tensor, align: int = 64) -> list:
     """Round contiguous float32 ``x`` into ``y`` with the C kernel ``spec`` describes
-    (``align``: pieces split at multiples of it, e.g. an MX spec's row)."""
+    (``align``: pieces split at multiples of it, e.g. an MX spec's row); what each piece's
+    call returned (an MX spec's counts, or None)."""
     src, dst = addresses((x, x.numel()), (y, x.numel()))
-    in_pieces(lambda start, count: _kernels.quantize(src + 4 * start, dst + 4 * start, count, spec, start),
-              x.numel(), align)
+    return in_pieces(lambda start, count: _kernels.quantize(src + 4 * start, dst + 4 * start, count, spec, start),
+                     x.numel(), align)
 
 
 def absmax_value(x: torch.Tensor) -> float:

@@ -48,13 +48,13 @@ from torch import nn
 from .accumulate import BLOCK_ROLES, AccumulatorMode, GemmFormats, GemmTally, OperandFormats
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, mode_around, simulated_softmax
-from .formats import BlockFormat, DynamicFixedPoint, FixedPoint, Float32, Format, Rounding, lsb
+from .formats import BlockFormat, DynamicFixedPoint, FixedPoint, Float32, Format, Rounding
 from .kernels import (
     Backend,
+    BlockStats,
     CountPlan,
     Counts,
     absmax_value,
-    block_exponents,
     count_plan,
     kernel_backend,
     quantize,
@@ -293,19 +293,14 @@ class _BlockOperands:
         self.counts: dict[str, Counter] = {}
         self.exponents: dict[str, list[int]] = {}
 
-    def record(self, role: str, rows: torch.Tensor, q: torch.Tensor, fmt: BlockFormat) -> None:
+    def record(self, role: str, stats: BlockStats) -> None:
         if not self.simulator.recording:
             return
-        padded, e = block_exponents(rows.float().contiguous(), fmt)
-        element = fmt.element_format
-        reach = fmt.element_max + lsb(element, fmt.element_max) / 2  # beyond it rounding saturates
-        beyond = torch.count_nonzero(padded.abs() > reach * torch.pow(2.0, e.float()))
-        self.counts.setdefault(role, Counter()).record(rows, q, fmt, saturated=beyond)
-        live = e[padded.abs().nan_to_num(0.0, 0.0, 0.0).amax(-1, keepdim=True) > 0]
-        if live.numel():
-            low, high = int(live.min()), int(live.max())
-            seen = self.exponents.setdefault(role, [low, high])
-            seen[0], seen[1] = min(seen[0], low), max(seen[1], high)
+        self.counts.setdefault(role, Counter()).add(stats.elements, stats.nonzero, stats.nonzero_rounded,
+                                                    stats.beyond)
+        if stats.emin is not None:
+            seen = self.exponents.setdefault(role, [stats.emin, stats.emax])
+            seen[0], seen[1] = min(seen[0], stats.emin), max(seen[1], stats.emax)
 
 
 class _LayerPoint:

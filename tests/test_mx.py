@@ -286,3 +286,33 @@ def test_every_c_call_checks_its_operands_first() -> None:
     for bad, count in ((x.t(), 32), (x.double(), 32), (x, 33), (x.to(torch.float16), 1)):
         with pytest.raises(ValueError, match="a C kernel needs a contiguous float32 CPU tensor"):
             addresses((bad, count))
+
+
+@pytest.mark.parametrize("name", ["mxfp8-e4m3", "mxint8", "mxfp4-e2m1/16"])
+def test_block_stats_count_what_the_reference_rounding_did(name: str) -> None:
+    from lpcli.kernels import quantize_blocks
+
+    element, _, block_text = name[2:].partition("/")
+    block = int(block_text) if block_text else 32
+    _, emax = ELEMENTS[element]
+    grid = element_grid(element)
+    reach = grid[-1] + (grid[-1] - grid[-2]) / 2
+    x = torch.cat([random_blocks(64, 96, seed=9), edge_blocks(element)[:, :32].repeat(1, 3)])
+    q, stats = quantize_blocks(x, name)
+    assert torch.equal(q.isnan(), quantize(x, name).isnan())
+    a = x.numpy().astype(np.float64)
+    expected_q = reference(x, name).numpy()
+    exponents, beyond = [], 0
+    for start in range(0, a.shape[1], block):
+        b = a[:, start : start + block]
+        amax = np.where(np.isfinite(b), np.abs(b), 0.0).max(axis=1, keepdims=True)
+        e = np.where(amax > 0, np.frexp(amax)[1] - 1 - emax, -127).clip(-127, 127)
+        beyond += int(np.sum(np.abs(b) / np.ldexp(1.0, e) > reach))
+        exponents += list(e[amax[:, 0] > 0, 0])
+    assert stats.elements == x.numel()
+    assert stats.nonzero == int(np.count_nonzero(a))  # NaN counts as non-zero, as torch does
+    assert stats.nonzero_rounded == int(np.count_nonzero(expected_q))
+    assert stats.beyond == beyond
+    assert (stats.emin, stats.emax) == (min(exponents), max(exponents))
+    empty = quantize_blocks(torch.zeros(3, 40), name)[1]
+    assert (empty.nonzero, empty.beyond, empty.emin, empty.emax) == (0, 0, None, None)

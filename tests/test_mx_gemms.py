@@ -110,7 +110,13 @@ def test_a_simulated_layer_multiplies_its_operands_in_their_block_formats() -> N
     with Simulation(model, plan_from_document(doc, "plan.yaml")) as sim:
         loss = F.cross_entropy(model(x), labels)
         loss.backward()
-        assert sim.simulator.counts()["accumulators"] == {}  # no accumulators planned: none counted
+        counts = sim.simulator.counts()
+        assert counts["accumulators"] == {}  # no accumulators planned: none counted
+        # the linear layer's input entered two GEMMs (forward, weight gradient), its error one
+        # (weight gradient: the input gradient of layer 3 feeds the conv's error too: two)
+        blocks = counts["block_operands"]["3"]
+        assert blocks["input"]["elements"] == 2 * 4 * 48 and blocks["error"]["elements"] == 2 * 4 * 5
+        assert blocks["weight"]["elements"] == 2 * 5 * 48 and blocks["input"]["exponents"][0] <= 0
     conv, fc = model[0], model[3]
     w = [p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias, fc.weight, fc.bias)]
     hidden = accumulate.conv2d(x, w[0], w[1], padding=1, formats=formats()).relu().flatten(1)
