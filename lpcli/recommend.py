@@ -109,6 +109,9 @@ class Rules:
 
     def __post_init__(self) -> None:
         parts = self.families
+        if "mx" in parts:
+            raise RulesError("family", "recommend has no mx family yet: write MX formats into a plan's input, "
+                             "weight and error by hand (README, \"MX in a plan\") and check it with train-check")
         if not parts or any(f not in FAMILIES for f in parts) or len(set(parts)) < len(parts):
             raise RulesError("family", f"family must be one of {', '.join(FAMILIES)} or several of them separated by "
                              f"commas (fixed,float), got {self.family!r}")
