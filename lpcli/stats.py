@@ -41,6 +41,14 @@ The stats schema is public, so a stats file made by a user's own loop (see
           lengths: [1, 2, 4, .., 64, 65]   # partial sums of the first L terms:
           sum_rms: [...]           #   their rms,
           partial_max: [...]       #   the largest |running sum| up to L
+    blocks:                        # how each GEMM operand's values sit in MX blocks of 32 along the
+      "0":                         #   sums of the GEMM that takes them (every use; sampled with gemms)
+        input:                     # also weight and error (lpcli.accumulate.BLOCK_ROLES)
+          block: 32
+          values: 52000            # non-zero finite values seen
+          below: [...]             # per binade under the block's top: r = |x| / 2^floor(log2 blockmax)
+                                   #   in [1, 2), [1/2, 1), ...; the last bin everything further down
+          top: {"1.5": 9, "1.75": 4, "1.875": 2, "1.984375": 1}   # values with r at or above each
 
 A layer is every module that registers a trainable parameter itself (``"(root)"`` for
 the model's own). A summary is ``{}`` when nothing was seen (an integer input, a
@@ -64,13 +72,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .accumulate import GEMMS, gemm_call
+from .accumulate import BLOCK_ROLES, GEMMS, OPERAND_ROLES, gemm_call
 from .attention import ROLES as ATTENTION_ROLES
 from .attention import AttentionMode, ModuleStack, Softmax, mode_around
 from .data import Dataset, batch_indices, load_data
 from .distributed import ieee_fp32, resolve_device
 from .errors import InputError
 from .files import check_header, header
+from .formats import BlockFormat
+from .kernels import block_exponents
 from .models import (
     ROOT,
     build_model,
@@ -150,7 +160,13 @@ class TensorSummary:
 STATE_KEYS = {"momentum": ("momentum_buffer", "exp_avg"), "variance": ("exp_avg_sq",)}
 
 
-GEMM_EVERY = 5  # steps between recordings of the GEMMs' sums
+GEMM_EVERY = 5  # steps between recordings of the GEMMs' sums (and of their operands' block profiles)
+BLOCK = 32  # the block size of the block profiles (OCP MX's)
+BELOW = 40  # binades under a block's top counted one by one; the last bin holds the rest
+# A block's top binade is [2^emax, 2^(emax+1)) after scaling: an element type whose largest
+# value is t * 2^emax saturates the values with r >= t (E2M1: 1.5; E4M3, E5M2, E3M2: 1.75;
+# E2M3: 1.875; INT8: 127/64).
+TOPS = (1.5, 1.75, 1.875, 127 / 64)
 GEMM_PRODUCTS = 1 << 20  # products sampled per GEMM and recording (float64)
 
 
@@ -200,6 +216,33 @@ class GemmGrowth:
                 "partial_max": [self.largest[n] for n in lengths]}
 
 
+class BlockProfile:
+    """How one operand role's values sit in their MX blocks (module docstring, ``blocks``):
+    ``r = |x| / 2^floor(log2 blockmax)`` of every non-zero finite value, counted per binade
+    under the block's top and at or above each of :data:`TOPS` in the top binade."""
+
+    def __init__(self) -> None:
+        self.values = 0
+        self.below = [0] * (BELOW + 1)
+        self.top = [0] * len(TOPS)
+
+    def add(self, t: torch.Tensor, axis: int) -> None:
+        """The values of ``t`` (2-d), blocked along ``axis`` (its sums' dimension)."""
+        rows = t.detach().float().movedim(axis, -1).contiguous()
+        padded, e = block_exponents(rows, BlockFormat("int8", BLOCK))  # int8: emax 0, e = floor(log2 blockmax)
+        magnitude = padded.abs()
+        live = (magnitude > 0) & (magnitude < math.inf)
+        r = (magnitude * torch.pow(2.0, -e.double()).float())[live]
+        binade = (-torch.floor(torch.log2(r))).clamp_(0, BELOW).long()
+        self.values += int(r.numel())
+        self.below = [a + int(b) for a, b in zip(self.below, torch.bincount(binade, minlength=BELOW + 1), strict=True)]
+        self.top = [a + int(torch.count_nonzero(r >= top)) for a, top in zip(self.top, TOPS, strict=True)]
+
+    def result(self) -> dict[str, Any]:
+        return {"block": BLOCK, "values": self.values, "below": list(self.below),
+                "top": {repr(top): n for top, n in zip(TOPS, self.top, strict=True)}}
+
+
 def _lengths(k: int) -> list[int]:
     """1, 2, 4, ... below ``k``, and ``k``."""
     return [1 << j for j in range(max(k - 1, 0).bit_length()) if 1 << j < k] + [k]
@@ -209,9 +252,20 @@ class _GemmWatch(TorchFunctionMode):
     """Records the GEMMs of one layer's ``F.linear`` / ``F.conv2d`` on its own weights, on
     the steps ``due()`` says, into ``growth[kind]``."""
 
-    def __init__(self, weights: set[int], growth: dict[str, GemmGrowth], due: Callable[[], bool]) -> None:
+    def __init__(self, weights: set[int], growth: dict[str, GemmGrowth], due: Callable[[], bool],
+                 blocks: dict[str, BlockProfile]) -> None:
         super().__init__()
-        self.weights, self.growth, self.due = weights, growth, due
+        self.weights, self.growth, self.due, self.blocks = weights, growth, due, blocks
+
+    def _profile(self, kind: str, a: torch.Tensor, b: torch.Tensor, bias: bool) -> None:
+        """The operands' block profiles, the bias's terms left out (as MX operands leave them)."""
+        left, right = OPERAND_ROLES[kind]
+        self.blocks[left].add(a[:, 1:] if bias and kind == "forward" else a, -1)
+        if bias and kind == "forward":
+            b = b[1:]
+        elif bias and kind == "weight_grad":
+            b = b[:, 1:]
+        self.blocks[right].add(b, 0)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -224,6 +278,7 @@ class _GemmWatch(TorchFunctionMode):
         with torch.no_grad():
             for a, b in call.operands("forward"):
                 self.growth["forward"].add(a, b)
+                self._profile("forward", a, b, call.bias is not None)
         if out.requires_grad:
             out.register_hook(lambda grad: self._backward(call, grad))
         return out
@@ -233,8 +288,10 @@ class _GemmWatch(TorchFunctionMode):
             if call.x.requires_grad:
                 for a, b in call.operands("input_grad", grad):
                     self.growth["input_grad"].add(a, b)
+                    self._profile("input_grad", a, b, False)
             for a, b in call.operands("weight_grad", grad):
                 self.growth["weight_grad"].add(a, b)
+                self._profile("weight_grad", a, b, call.bias is not None)
 
 
 def _state_tensor(optimizer: torch.optim.Optimizer, p: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor | None:
@@ -300,10 +357,12 @@ class StatsCollector:
         self._handles.extend(mode_around(model, lambda: AttentionMode(self._attention_softmax)))
         # The sums inside each layer's GEMMs, every GEMM_EVERY steps (the first included).
         self.gemms = {name: {kind: GemmGrowth(generator) for kind in GEMMS} for name in names}
+        self.blocks = {name: {role: BlockProfile() for role in BLOCK_ROLES} for name in names}
         for name, module in self.layers.items():
             weights = {id(p) for p in module.parameters(recurse=False)}
-            self._handles.extend(mode_around(module, lambda weights=weights, growth=self.gemms[name]: _GemmWatch(
-                weights, growth, lambda: self.steps % GEMM_EVERY == 0)))
+            self._handles.extend(mode_around(module, lambda weights=weights, growth=self.gemms[name],
+                                             blocks=self.blocks[name]: _GemmWatch(
+                weights, growth, lambda: self.steps % GEMM_EVERY == 0, blocks)))
 
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -444,6 +503,8 @@ class StatsCollector:
                           for name, summaries in self.attention.items()},
             "gemms": {name: {kind: growth.result() for kind, growth in kinds.items() if growth.result()}
                       for name, kinds in self.gemms.items() if any(g.products for g in kinds.values())},
+            "blocks": {name: {role: profile.result() for role, profile in roles.items() if profile.values}
+                       for name, roles in self.blocks.items() if any(p.values for p in roles.values())},
         }
 
     def save(self, path: str, classes: int, output_layer: str | None = None) -> None:
@@ -536,7 +597,7 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
     """Check a stats document (possibly produced elsewhere) before recommend uses it."""
     doc = check_header(doc, source, "stats")
     top = Fields(source, "", doc, ("lpcli", "source", "classes", "output_layer", "training", "layers", "tied",
-                                   "attention", "gemms"))
+                                   "attention", "gemms", "blocks"))
     top.integer("classes", low=2)
     if doc.get("output_layer") is not None and not isinstance(doc["output_layer"], str):
         top.fail("must be a layer name (string) or null", field="output_layer")
@@ -564,15 +625,39 @@ def validate_stats(doc: Any, source: str) -> dict[str, Any]:
         entry.integer("keys", low=1)
         for role in ATTENTION_ROLES:
             _check_summary(entry, role, raw, required=False)
-    gemms = top.section("gemms")
-    if gemms.value is not None and not isinstance(gemms.value, dict):
-        top.fail("must map layer names to GEMM statistics", field="gemms")
-    for name, raw in (gemms.value or {}).items():
-        layer = Fields(source, gemms.sub(name), raw, GEMMS)
-        for kind in GEMMS:
-            if layer.has(kind):
-                _check_growth(layer.section(kind, ("terms", "addend_rms", "lengths", "sum_rms", "partial_max")))
+    _check_per_layer(top, "gemms", "GEMM statistics", GEMMS,
+                     _check_growth, ("terms", "addend_rms", "lengths", "sum_rms", "partial_max"))
+    _check_per_layer(top, "blocks", "block profiles", BLOCK_ROLES,
+                     _check_profile, ("block", "values", "below", "top"))
     return doc
+
+
+def _check_per_layer(top: Fields, key: str, what: str, parts: tuple[str, ...], check: Callable[[Fields], None],
+                     fields: tuple[str, ...]) -> None:
+    """A section mapping layer names to their ``parts`` (each optional), each checked by ``check``."""
+    section = top.section(key)
+    if section.value is not None and not isinstance(section.value, dict):
+        top.fail(f"must map layer names to {what}", field=key)
+    for name, raw in (section.value or {}).items():
+        layer = Fields(top.source, section.sub(name), raw, parts)
+        for part in parts:
+            if layer.has(part):
+                check(layer.section(part, fields))
+
+
+def _check_profile(profile: Fields) -> None:
+    """One operand role's block profile: counts that add up to its values."""
+    profile.integer("block", low=1)
+    values = profile.integer("values", low=0)
+    below = profile.value.get("below")
+    if (not isinstance(below, list) or len(below) != BELOW + 1
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in below)
+            or sum(below) != values):
+        profile.fail(f"must be {BELOW + 1} non-negative integers adding up to values ({values})",
+                     field=profile.sub("below"))
+    tops = profile.section("top", [repr(t) for t in TOPS], required=True)
+    for key in tops.value:
+        tops.integer(key, low=0, high=values)
 
 
 def _check_growth(growth: Fields) -> None:

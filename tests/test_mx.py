@@ -316,3 +316,43 @@ def test_block_stats_count_what_the_reference_rounding_did(name: str) -> None:
     assert (stats.emin, stats.emax) == (min(exponents), max(exponents))
     empty = quantize_blocks(torch.zeros(3, 40), name)[1]
     assert (empty.nonzero, empty.beyond, empty.emin, empty.emax) == (0, 0, None, None)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_block_profiles_count_where_values_sit_in_their_blocks(axis: int) -> None:
+    """lpcli.stats.BlockProfile against NumPy: r = |x| / 2^floor(log2 blockmax) per block of
+    32 along the axis (frexp for the exponents), binned per binade under the top."""
+    from lpcli.stats import BELOW, TOPS, BlockProfile
+
+    x = random_blocks(50, 70, seed=10)
+    x[3, 5], x[7, 9], x[11, 13] = 0.0, math.inf, math.nan
+    profile = BlockProfile()
+    profile.add(x, axis)
+    a = np.moveaxis(x.numpy().astype(np.float64), axis, -1)
+    below, top, values = np.zeros(BELOW + 1, dtype=int), np.zeros(len(TOPS), dtype=int), 0
+    for start in range(0, a.shape[1], 32):
+        b = np.abs(a[:, start : start + 32])
+        live = (b > 0) & np.isfinite(b)
+        blockmax = np.where(live, b, 0.0).max(axis=1, keepdims=True)
+        scale = np.ldexp(1.0, np.maximum(np.frexp(blockmax)[1] - 1, -127))
+        r = (b / scale)[live]
+        values += r.size
+        np.add.at(below, np.minimum(-np.floor(np.log2(r)), BELOW).astype(int), 1)
+        top += np.array([(r >= t).sum() for t in TOPS])
+    result = profile.result()
+    assert result["values"] == values and result["below"] == below.tolist()
+    assert list(result["top"].values()) == top.tolist() and result["block"] == 32
+
+
+def test_stats_files_check_their_block_profiles() -> None:
+    from lpcli.errors import InputError
+    from lpcli.recipe import load_recipe
+    from lpcli.stats import analyze, validate_stats
+
+    doc = analyze(load_recipe("digits-cnn"), steps=1)
+    assert set(doc["blocks"]["5"]) == {"input", "weight", "error"}
+    validate_stats(doc, "stats.yaml")
+    doc["blocks"]["5"]["input"]["below"][0] += 1
+    with pytest.raises(InputError) as info:
+        validate_stats(doc, "stats.yaml")
+    assert info.value.field == "blocks.5.input.below"
