@@ -890,8 +890,8 @@ def addresses(*operands: tuple[torch.Tensor | None, int]) -> list[int]:
         if tensor is None:
             found.append(0)
             continue
-        if (tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous()
-                or tensor.numel() < count):
+        if not (tensor.is_cpu and tensor.dtype is torch.float32 and tensor.is_contiguous()
+                and tensor.numel() >= count):
             raise ValueError(f"a C kernel needs a contiguous float32 CPU tensor of at least {count} elements, got "
                              f"{'a contiguous' if tensor.is_contiguous() else 'a non-contiguous'} {tensor.dtype} "
                              f"tensor of shape {tuple(tensor.shape)} on {tensor.device}")

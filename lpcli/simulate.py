@@ -103,14 +103,14 @@ class Counter:
     def totals(self, value: torch.Tensor | None) -> None:
         self._device, self._host = value, None
 
-    def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format, saturated: torch.Tensor | None = None) -> None:
+    def record(self, x: torch.Tensor, q: torch.Tensor, fmt: Format) -> None:
         # Rounding maps 0 to 0, so the values that underflowed are the non-zeros of x
         # that are zeros of q: nonzero(x) - nonzero(q). Two counting passes, no masks.
         nonzero = torch.count_nonzero(x)
         counts = torch.stack([
             torch.full((), float(x.numel()), device=x.device, dtype=torch.float64),  # a fill, not a host copy
             nonzero.double(),
-            _saturated_count(x, fmt) if saturated is None else saturated.double(),
+            _saturated_count(x, fmt),
             (nonzero - torch.count_nonzero(q)).double(),
         ])
         self._device = counts if self._device is None else self._device.add_(counts)
@@ -286,14 +286,17 @@ class _BlockOperands:
     """What a layer's GEMMs did to their block-format (MX) operands, per role: the counts
     (a value flushed to zero within its block underflowed; one beyond the element's range
     at its block's scale, which the spec's floor scale allows, saturated) and the range
-    of the block exponents seen (blocks holding a non-zero value)."""
+    of the block exponents seen (blocks holding a non-zero value); ``uses``: operands
+    quantized in any pass (none: the layer's formats were never applied)."""
 
     def __init__(self, simulator: Simulator) -> None:
         self.simulator = simulator
         self.counts: dict[str, Counter] = {}
         self.exponents: dict[str, list[int]] = {}
+        self.uses = 0
 
     def record(self, role: str, stats: BlockStats) -> None:
+        self.uses += 1
         if not self.simulator.recording:
             return
         self.counts.setdefault(role, Counter()).add(stats.elements, stats.nonzero, stats.nonzero_rounded,

@@ -27,7 +27,7 @@ from torch import nn
 from . import optim
 from .errors import InputError
 from .files import read_document
-from .formats import Float32, Rounding
+from .formats import BlockFormat, Float32, Rounding
 from .kernels import quantize
 from .models import module_name, ownership, trainable_parameters
 from .plan import TENSORS, Plan, plan_from_document
@@ -291,6 +291,12 @@ class Simulation:
             if keys and roles:
                 out.append(f"attention in {name}: {', '.join(roles)}")
         out.extend(self._accumulators_kept_fp32())
+        blocks = self.simulator.block_operands if self.simulator is not None else {}
+        for name, operands in blocks.items():
+            if not operands.uses and "called" in seen.get(name, set()):
+                roles = [r for r in ("input", "weight", "error") if isinstance(self.plan.layers[name][r], BlockFormat)]
+                out.append(f"layer {name}: {', '.join(roles)} never quantized per use (MX): it computed no F.linear "
+                           "or F.conv2d on its own weight (an MX weight is still stored on its blocks)")
         if isinstance(self.plan.softmax_input, Float32):
             out.append("softmax input z - max(z)")
         if isinstance(self.plan.softmax_error, Float32):

@@ -181,3 +181,19 @@ def test_train_check_runs_an_mx_plan(tmp_path, small_recipe, cli) -> None:
     report = result.json()
     assert report["plan"]["layers"]["0"]["weight"] == MX
     assert report["runs"]["kahan"]["test_accuracy"] > 0.5
+
+
+def test_mx_formats_a_layer_never_applies_are_reported() -> None:
+    """An embedding has a 2-d weight but multiplies nothing: its MX formats never apply,
+    and the report says so instead of claiming them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 32), nn.Flatten(), nn.Linear(64, 3))
+    roles = {"input": "fp32", "weight": MX, "activation": "fp32", "error": MX, "weight_grad": "fp32",
+             "compensation": "fp32"}
+    doc = {"lpcli": {"kind": "plan", "version": 1}, "softmax_input": "fp32", "softmax_error": "fp32",
+           "layers": {"0": roles, "2": {**roles, "input": MX, "error": "fp32"}}}
+    with Simulation(model, plan_from_document(doc, "plan.yaml")) as sim:
+        F.cross_entropy(model(torch.randint(0, 10, (4, 2))), torch.tensor([0, 1, 2, 0])).backward()
+        kept = sim.kept_fp32()
+    assert any(line.startswith("layer 0: weight, error never quantized per use") for line in kept), kept
+    assert not any(line.startswith("layer 2:") and "per use" in line for line in kept)
