@@ -3,10 +3,11 @@
     PYTHONPATH=. python benchmarks/objectives.py [RECIPE ...] [--cost FILE]
 
 Analyzes each bundled recipe (its own analyze steps), recommends with ``--family fixed``,
-``--family float`` and ``--family fixed,float`` under each objective (bits, energy,
-memory), and prints one markdown row per recipe: the plan's estimated energy per step (µJ,
-lpcli.cost's default 45 nm table or ``--cost``), its memory traffic (MB) and, for the mixed
-plans, the layers whose family differs from the bits objective's choice. Nothing is
+``--family float``, ``--family fixed,float`` under each objective (bits, energy, memory),
+``--family mx`` and ``--family fixed,mx --objective energy``, and prints one markdown row
+per recipe: the plan's estimated energy per step (µJ, lpcli.cost's default 45 nm table or
+``--cost``), its memory traffic (MB) and, for the fixed,float plans, the layers whose family
+differs from the bits objective's choice. Nothing is
 trained: the accuracy of a plan is train-check's to say.
 """
 
@@ -26,6 +27,8 @@ RULES = {
     "bits": Rules(family="fixed,float", objective="bits"),
     "energy": Rules(family="fixed,float", objective="energy"),
     "memory": Rules(family="fixed,float", objective="memory"),
+    "mx": Rules(family="mx"),
+    "fixed,mx": Rules(family="fixed,mx", objective="energy"),
 }
 
 
@@ -35,8 +38,9 @@ def main() -> None:
     parser.add_argument("--cost", type=Path, default=None, help="cost table (YAML), as recommend --cost")
     args = parser.parse_args()
     table = load_cost_table(args.cost) if args.cost else None
-    print("| recipe | fixed | float | fixed,float by bits | by energy | by memory | energy's choice where it differs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| recipe | fixed | float | fixed,float by bits | by energy | by memory | mx | fixed,mx by energy "
+          "| fixed,float: energy's choice where it differs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.recipes:
         stats = analyze(load_recipe(name))
         plans = {key: recommend(stats, rules, cost=table) for key, rules in RULES.items()}

@@ -209,7 +209,8 @@ def analyze_command(
 
 def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", range_from: str = "p999",
            widths: str | None = None, margin: int = 0, accumulators: bool = False,
-           accumulator_chunk: int = 32, objective: str = "bits") -> Rules:
+           accumulator_chunk: int = 32, objective: str = "bits", mx_resolution: float = Rules.mx_resolution_bits
+           ) -> Rules:
     parsed = None
     if widths is not None:
         try:
@@ -220,13 +221,15 @@ def _rules(kahan: bool, headroom: int, max_bits: int, family: str = "fixed", ran
     try:
         return Rules(kahan=kahan, headroom_bits=headroom, max_bits=max_bits, family=family, range_from=range_from,
                      widths=parsed, margin=margin, accumulators=accumulators,
-                     accumulator_chunk=accumulator_chunk or None, objective=objective)
+                     accumulator_chunk=accumulator_chunk or None, objective=objective,
+                     mx_resolution_bits=mx_resolution)
     except RulesError as exc:
         raise InputError("command line", RULE_OPTIONS[exc.field], str(exc)) from None
 
 
 RULE_OPTIONS = {"family": "--family", "range_from": "--range", "widths": "--widths", "margin": "--margin",
-                "accumulator_chunk": "--accumulator-chunk", "objective": "--objective"}
+                "accumulator_chunk": "--accumulator-chunk", "objective": "--objective",
+                "mx_resolution_bits": "--mx-resolution"}
 AccumulatorsOpt = Annotated[bool, typer.Option("--accumulators", help="Also plan the accumulator of each layer's "
                                                "three GEMMs (forward, input gradient, weight gradient) from how "
                                                "their sums grow; train-check then sums in them (slow: every "
@@ -260,9 +263,14 @@ def recommend_command(
                                                   show_default=False)] = None,
     output: _output_opt("plan") = None,
     kahan: Annotated[bool, typer.Option(help="Plan for SGD with Kahan summation (else plain SGD).")] = True,
-    family: Annotated[str, typer.Option(help="Number family: fixed (fx<W>.<F>), float (e<E>m<M>fn), or both "
-                                        "(fixed,float): each layer then takes the family --objective prefers.")
+    family: Annotated[str, typer.Option(help="Number family: fixed (fx<W>.<F>), float (e<E>m<M>fn), mx (MX "
+                                        "block formats for each GEMM's operands, float elsewhere), or several "
+                                        "(fixed,mx): each layer then takes the family --objective prefers.")
                       ] = "fixed",
+    mx_resolution: Annotated[float, typer.Option(min=0.0, max=8.0, help="--family mx: effective resolution bits "
+                                                 "each GEMM operand's MX element type must reach (the b of a fixed-"
+                                                 "point step rms/2^b as loud as its rounding noise).")
+                             ] = Rules.mx_resolution_bits,
     objective: Annotated[str, typer.Option(help="With several families, what the choice minimises: bits (stored), "
                                            "energy (estimated per training step) or memory (traffic per step).")
                          ] = "bits",
@@ -305,7 +313,7 @@ def recommend_command(
         raise InputError("command line", "--verify", "needs a recipe to train (a stats file alone cannot be "
                          "checked): give RECIPE too")
     rules = _rules(kahan, headroom, max_bits, family, range_from, widths, margin, accumulators, accumulator_chunk,
-                   objective)
+                   objective, mx_resolution)
     table = load_cost_table(cost) if cost is not None else None
     used: dict[str, Any] = {}
     plan, loaded = _plan(recipe, stats, rules, seed, not as_json, used, quiet=quiet, cost=table)

@@ -40,6 +40,11 @@ included) and fraction bits ``F`` (resolution), each from its own rule:
   need an exponent bit more than ``log2`` of the binades spanned. Mantissa bits
   ``M = resolution_bits``: the relative step ``2^-M`` puts the step at the rms at most
   ``rms / 2^resolution_bits``, the fixed-point resolution rule (and finer below it).
+* MX (``Rules.family = "mx"``): the float family's plan, with each GEMM operand (a layer's
+  input, weight and error, where the stats hold its block profile) in the cheapest MX
+  element type whose rounding, predicted from where the operand's values sit in their
+  blocks, is at most as loud as a fixed-point step of ``rms / 2^mx_resolution_bits``
+  (errors: at most ``underflow`` flushed within their blocks); see :mod:`lpcli.mx_family`.
 * options applied to every format last: ``margin`` extra resolution bits (fraction or
   mantissa), ``max_bits`` caps a width (resolution lost, said so), ``widths`` rounds a
   width up to the next one the hardware has (fixed point keeps its integer bits and
@@ -59,12 +64,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .accumulate import GEMMS
+from .accumulate import BLOCK_ROLES, GEMMS
 from .attention import ROLES as ATTENTION_ROLES
 from .cost import CostTable, step_cost, stored_bits
 from .errors import InputError
-from .formats import MAX_FIXED_WIDTH, FixedPoint, Float32, FloatFormat, Format
+from .formats import MAX_FIXED_WIDTH, BlockFormat, FixedPoint, Float32, FloatFormat, Format
 from .models import ROOT
+from .mx_family import choose_element, widen_element
 from .optim import compensation_format
 from .plan import TENSORS, Plan
 from .recipe import Precision
@@ -101,7 +107,8 @@ class Rules:
     accumulator_range_bits: int = 2  # accumulator range: doublings beyond the headroom (an overflow spoils a sum)
     max_bits: int = MAX_FIXED_WIDTH
     kahan: bool = True
-    family: str = "fixed"  # "fixed" (fx<W>.<F>), "float" (e<E>m<M>fn), or both ("fixed,float": per layer, by objective)
+    family: str = "fixed"  # "fixed" (fx<W>.<F>), "float" (e<E>m<M>fn), "mx", or several ("fixed,mx": by objective)
+    mx_resolution_bits: float = 2.0  # mx: effective resolution each GEMM operand's element type must reach (mx_family)
     objective: str = "bits"  # with several families, what the choice minimises: bits, energy or memory (lpcli.cost)
     range_from: str = "p999"  # "p999" or "absmax": the value the range must hold (weights: always absmax)
     widths: tuple[int, ...] | None = None  # widths the hardware has; every format is rounded up to one
@@ -109,12 +116,9 @@ class Rules:
 
     def __post_init__(self) -> None:
         parts = self.families
-        if "mx" in parts:
-            raise RulesError("family", "recommend has no mx family yet: write MX formats into a plan's input, "
-                             "weight and error by hand (README, \"MX in a plan\") and check it with train-check")
         if not parts or any(f not in FAMILIES for f in parts) or len(set(parts)) < len(parts):
             raise RulesError("family", f"family must be one of {', '.join(FAMILIES)} or several of them separated by "
-                             f"commas (fixed,float), got {self.family!r}")
+                             f"commas (fixed,mx), got {self.family!r}")
         if self.objective not in OBJECTIVES:
             raise RulesError("objective", f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.range_from not in RANGES:
@@ -126,6 +130,8 @@ class Rules:
                 raise RulesError("widths", f"no width in {list(self.widths)} is at most max_bits {self.max_bits}")
         if self.margin < 0:
             raise RulesError("margin", f"margin must be >= 0, got {self.margin}")
+        if not 0 <= self.mx_resolution_bits <= 8:
+            raise RulesError("mx_resolution_bits", f"mx_resolution_bits must be 0..8, got {self.mx_resolution_bits}")
         if self.accumulator_chunk is not None and self.accumulator_chunk < 1:
             raise RulesError("accumulator_chunk", f"accumulator_chunk must be >= 1, got {self.accumulator_chunk}")
 
@@ -143,7 +149,7 @@ class Rules:
         return allowed[-1] if allowed else self.max_bits
 
 
-FAMILIES = ("fixed", "float")
+FAMILIES = ("fixed", "float", "mx")
 OBJECTIVES = ("bits", "energy", "memory")
 # Roles whose small values matter one by one: an error, gradient or momentum entry rounded
 # to zero is a contribution no later step recovers, so at most ``underflow`` of them may flush.
@@ -578,7 +584,11 @@ def set_width(fmt: Format, width: int) -> Format:
 
 
 def add_resolution(fmt: Format, bits: int) -> Format:
-    """``bits`` more fraction (fixed) or mantissa (float) bits; the range stays."""
+    """``bits`` more fraction (fixed) or mantissa (float) bits; the range stays. MX: the
+    next element type with more resolution and no less depth (one step whatever ``bits``;
+    :func:`lpcli.mx_family.widen_element`)."""
+    if isinstance(fmt, BlockFormat):
+        return widen_element(fmt, "resolution") if bits > 0 else fmt
     if isinstance(fmt, FixedPoint):
         return FixedPoint(min(MAX_FIXED_WIDTH, max(2, fmt.width + bits)), fmt.frac + bits)
     if isinstance(fmt, FloatFormat):
@@ -779,6 +789,9 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
     if len(rules.families) > 1:
         plans = {f: recommend(stats, replace(rules, family=f), precision, source, cost) for f in rules.families}
         return choose_families(plans, stats, rules.objective, cost)
+    if rules.family == "mx":
+        floats = recommend(stats, replace(rules, family="float"), precision, source, cost)
+        return block_operands(floats, stats, rules, precision or Precision(), source, cost)
     precision = precision or Precision()
     if precision.kahan is not None:
         rules = replace(rules, kahan=precision.kahan)
@@ -833,6 +846,49 @@ def recommend(stats: dict[str, Any], rules: Rules | None = None, precision: Prec
                 classes=classes, output_layer=output_layer, reasons=reasons, parameters=parameters,
                 tied=dict(stats.get("tied") or {}), attention=attention, accumulators=accumulators,
                 accumulator_chunk=rules.accumulator_chunk)
+    return replace(plan, summary=summarize(plan, stats, cost))
+
+
+def block_operands(plan: Plan, stats: dict[str, Any], rules: Rules, precision: Precision, source: str,
+                   cost: CostTable | None = None) -> Plan:
+    """The mx family: ``plan`` (the float family's) with each GEMM operand (a layer's input,
+    weight and error, where the stats hold its block profile) in the MX element type
+    :func:`lpcli.mx_family.choose_element` picks. The rest stays element by element in the
+    float family's formats: activations, weight gradients, optimizer state, the softmax
+    (the output layer's error is the softmax's), attention, accumulators, and a
+    compensation for MX weights (it holds each weight's residue, at most half its
+    element's step at its block's scale, on that weight's own scale)."""
+    blocks = stats.get("blocks")
+    if not blocks:
+        raise InputError(source, "blocks", "the stats have no block profiles for the mx family to choose from: "
+                         "analyze again with this lpcli (it records where each GEMM operand's values sit in MX "
+                         "blocks)")
+    softmax_layers = {plan.output_layer, ROOT} & set(plan.layers)
+    layers: dict[str, dict[str, Format]] = {}
+    reasons = dict(plan.reasons)
+    for name, fmts in plan.layers.items():
+        fixed = {**precision.defaults, **precision.layers.get(name, {})}
+        profiles = blocks.get(name) or {}
+        new, why = dict(fmts), dict(reasons.get(name) or {})
+        for role in BLOCK_ROLES:
+            if role in fixed or (role == "error" and name in softmax_layers) or isinstance(fmts[role], Float32):
+                continue
+            if role not in profiles:
+                why[role] += "; element by element: not an operand of a GEMM on this layer's own weight"
+                continue
+            choice = choose_element(profiles[role], role, rules.mx_resolution_bits + rules.margin,
+                                    rules.underflow if role in UNDERFLOW_ROLES else None, rules.allowed_widths,
+                                    rules.widest)
+            if choice.fmt is None:
+                why[role] = f"{choice.reason}: the float rule's {fmts[role]}, element by element ({why[role]})"
+            else:
+                new[role], why[role] = choice.fmt, choice.reason
+        if isinstance(new["weight"], BlockFormat) and rules.kahan and "compensation" not in fixed:
+            why["compensation"] = (f"{fmts['compensation']}, the float rule's format for these weights, element by "
+                                   "element: it holds each MX weight's rounding residue (at most half its element's "
+                                   "step at its block's scale) on that weight's own scale")
+        layers[name], reasons[name] = new, why
+    plan = replace(plan, layers=layers, reasons=reasons)
     return replace(plan, summary=summarize(plan, stats, cost))
 
 
@@ -961,7 +1017,7 @@ def storage_bits(plan: Plan, stats: dict[str, Any]) -> dict[str, dict[str, float
     training = stats.get("training") or {}
     adam = training.get("optimizer") in ("adam", "adamw")
     with_momentum = adam or bool(training.get("momentum"))
-    rules = Rules(kahan=False, family="float" if any(isinstance(f["weight"], FloatFormat)
+    rules = Rules(kahan=False, family="float" if any(isinstance(f["weight"], (FloatFormat, BlockFormat))
                                                      for f in plan.layers.values()) else "fixed")
     rule = float_tensor_format if rules.family == "float" else fixed_tensor_format
     parts = ("weight", "compensation", "momentum", "variance")

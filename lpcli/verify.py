@@ -47,7 +47,8 @@ import torch
 from .check import train_check
 from .cost import CostTable
 from .data import Dataset, load_data
-from .formats import FixedPoint, FloatFormat, Format
+from .formats import BlockFormat, FixedPoint, FloatFormat, Format
+from .mx_family import widen_element
 from .plan import Plan, follow_weight
 from .recipe import Recipe
 from .recommend import add_resolution, summarize
@@ -73,7 +74,11 @@ class Widening:
 
 
 def add_range(fmt: Format, bits: int) -> Format:
-    """``bits`` more integer (fixed) or exponent (float) bits; the resolution stays."""
+    """``bits`` more integer (fixed) or exponent (float) bits; the resolution stays. MX: the
+    next element type that keeps more binades under its block's top, its resolution kept
+    (one step whatever ``bits``)."""
+    if isinstance(fmt, BlockFormat):
+        return widen_element(fmt, "range") if bits > 0 else fmt
     if isinstance(fmt, FixedPoint):
         return FixedPoint(min(24, fmt.width + bits), fmt.frac - max(0, fmt.width + bits - 24))
     if isinstance(fmt, FloatFormat):

@@ -136,7 +136,7 @@ def test_the_energy_objective_never_costs_more_than_the_bits_one(cnn_stats):
     assert one[0] == one[1]
 
 
-@pytest.mark.parametrize("family,objective,message", [("fixed,mx", "bits", "no mx family yet"),
+@pytest.mark.parametrize("family,objective,message", [("fixed,mxfp8", "bits", "family must be one of"),
                                                       ("fixed,fp8", "bits", "family must be one of"),
                                                       ("fixed,fixed", "bits", "family must be one of"),
                                                       ("fixed", "area", "objective must be one of")])
