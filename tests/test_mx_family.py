@@ -168,7 +168,12 @@ def test_more_resolution_asked_never_gives_a_cheaper_operand(cnn_stats) -> None:
         if previous is not None:
             assert all(bits[k] >= previous[k] for k in bits)
         previous = bits
-    assert all(v == math.inf for v in previous.values())  # 7 bits: no MX type gives it
+    assert all(v == math.inf for v in previous.values())
+    # --margin asks the same of MX operands as of every other format: that many more bits
+    margin = recommend(cnn_stats, Rules(family="mx", margin=1))
+    more = recommend(cnn_stats, Rules(family="mx", mx_resolution_bits=Rules().mx_resolution_bits + 1))
+    assert all(margin.layers[n][r] == more.layers[n][r] for n in cnn_stats["blocks"] for r in BLOCK_ROLES
+               if isinstance(more.layers[n][r], BlockFormat))  # 7 bits: no MX type gives it
 
 
 def test_mixed_with_fixed_each_layer_takes_one_family(cnn_stats) -> None:
