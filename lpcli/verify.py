@@ -25,6 +25,11 @@ the formats to widen, each with its reason:
 * nothing above its threshold: every weight and error format gains one resolution bit
   (the diagnostics do not say where the accuracy went, so the cheapest broad step).
 
+An MX operand gains "bits" one element type at a time (:func:`lpcli.mx_family.widen_element`):
+resolution moves it to the cheapest type with more mantissa bits and no fewer binades under
+its block's top, range to the one with more binades and no fewer mantissa bits; the 8-bit
+types at the top of each ladder stay as they are (nothing left to widen).
+
 The thresholds are deliberately above what passing runs show: the README's worked
 example passes with 6% lost mass, 3% error underflow and 17% saturated logits (classes
 far below the top one); the bundled recipes' recommended plans pass with up to 41% of
