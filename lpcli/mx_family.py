@@ -21,7 +21,8 @@ binade by binade, what its rounding does (:func:`block_noise`):
 * a value within a binade ``[a, 2a)`` has the mean square ``7 a^2 / 3`` (uniform there).
 
 The predicted noise-to-signal ratio is the summed error over the summed signal, both over
-the non-zero values; it is stated as *effective resolution bits*: the b for which a
+the non-zero values and in each block's own units (every block weighs alike, however far
+apart the blocks' scales); it is stated as *effective resolution bits*: the b for which a
 fixed-point step of ``rms / 2^b`` (noise ``step^2 / 12``) would be as loud,
 ``b = -log2(sqrt(12 * NSR))``. ``tests/test_mx_family.py`` checks the prediction against
 the real MX rounding of tensors with different spreads.
@@ -39,7 +40,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .formats import BlockFormat, FixedPoint, Format
+from .formats import BlockFormat, FixedPoint
 
 # Every element type, cheapest first (stored bits), as the rule and the widening try them.
 ELEMENTS = ("fp4-e2m1", "fp6-e2m3", "fp6-e3m2", "fp8-e4m3", "fp8-e5m2", "int8")
@@ -135,7 +136,7 @@ def widen_element(fmt: BlockFormat, kind: str) -> BlockFormat:
 
 @dataclass(frozen=True)
 class Choice:
-    fmt: Format | None  # None: no element type qualifies
+    fmt: BlockFormat | None  # None: no element type qualifies
     reason: str
 
 
