@@ -148,6 +148,7 @@ def test_the_mx_plan_is_the_float_plan_with_block_formatted_operands(cnn_stats) 
             else:
                 assert fmt == floats.layers[name][role], (name, role)
     assert isinstance(mx.layers["1"]["weight"], BlockFormat)
+    assert "element by element: not an operand of a GEMM" in mx.reasons["2"]["weight"]  # the batch norm
     assert isinstance(mx.layers["1"]["compensation"], FloatFormat)
     assert "residue" in mx.reasons["1"]["compensation"]
     assert mx.softmax_error == floats.softmax_error and mx.layers["9"]["error"] == floats.softmax_error
