@@ -883,7 +883,7 @@ def block_operands(plan: Plan, stats: dict[str, Any], rules: Rules, precision: P
                 why[role] = f"{choice.reason}: the float rule's {fmts[role]}, element by element ({why[role]})"
             else:
                 new[role], why[role] = choice.fmt, choice.reason
-        if isinstance(new["weight"], BlockFormat) and rules.kahan and "compensation" not in fixed:
+        if isinstance(new["weight"], BlockFormat) and plan.kahan and "compensation" not in fixed:
             why["compensation"] = (f"{fmts['compensation']}, the float rule's format for these weights, element by "
                                    "element: it holds each MX weight's rounding residue (at most half its element's "
                                    "step at its block's scale) on that weight's own scale")

@@ -166,7 +166,9 @@ def widen(plan: Plan, widenings: list[Widening], max_bits: int = 24) -> tuple[Pl
         new = add_range(old, w.bits) if w.kind == "range" else add_resolution(old, w.bits)
         if new.width > max_bits or new == old:
             changes.append({"layer": w.layer, "tensor": w.tensor, "from": str(old), "to": str(old),
-                            "why": w.why + f"; not widened (at the {max_bits}-bit limit)"})
+                            "why": w.why + ("; not widened (no MX element type above it)"
+                                            if isinstance(old, BlockFormat) and new == old else
+                                            f"; not widened (at the {max_bits}-bit limit)")})
             continue
         if w.layer == "softmax":
             softmax[w.tensor] = new

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,6 +196,19 @@ def test_verify_widens_a_flushing_mx_error(cnn_stats) -> None:
     new, changes = widen(plan, [Widening("5", "error", "resolution", 2, "flushed")])
     assert new.layers["5"]["error"] == widen_element(old, "resolution") != old
     assert changes[0]["from"] == str(old) and changes[0]["to"] == str(new.layers["5"]["error"])
+    # at the top of its ladder an MX format stays, and the change says why
+    top = replace(plan, layers={**plan.layers, "5": {**plan.layers["5"], "error": parse_format("mxfp8-e4m3")}})
+    same, changes = widen(top, [Widening("5", "error", "resolution", 2, "flushed")])
+    assert same == top and "no MX element type above it" in changes[0]["why"]
+
+
+def test_without_kahan_mx_weights_keep_no_compensation(cnn_stats) -> None:
+    from lpcli.recipe import Precision
+
+    plan = recommend(cnn_stats, Rules(family="mx"), Precision(kahan=False))
+    assert not plan.kahan and isinstance(plan.layers["1"]["weight"], BlockFormat)
+    assert plan.layers["1"]["compensation"] == Float32()
+    assert "residue" not in plan.reasons["1"]["compensation"]
 
 
 def test_cli_recommend_family_mx(cli, tmp_path, cnn_stats) -> None:
